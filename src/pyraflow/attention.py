@@ -1,0 +1,233 @@
+"""Joint attention over packed segments, behind one interface with several backends.
+
+Every backend takes queries, keys and values for all tokens in *stream order* — the text tokens of
+all segments followed by the visual tokens of all segments, each (N, heads, head_dim) — plus an
+AttentionPlan built once per batch from the packing Layout, and returns the output in the same order.
+Attention is joint (text + visual) inside a segment and never crosses segments.
+
+Backends:
+  reference  SDPA over the whole sequence with a dense block-diagonal boolean mask (simple, O(N^2) mask).
+  grouped    segments with the same visual shape batched as (G, heads, L, head_dim); different text
+             lengths are padded and masked per key. No dense N x N mask. The default on CPU.
+  flex       FlexAttention with a document mask (compiled on CUDA; eager on CPU, forward and backward).
+  flash      flash-attn's varlen kernel over cu_seqlens (CUDA, fp16/bf16, when flash-attn is installed).
+
+Temporal-causal masking (optional, all backends): a visual token of frame f sees its segment's text and
+frames <= f; text sees only text. Text therefore carries no information from later frames to earlier ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pyraflow.packing import Layout
+
+BACKENDS = ("auto", "reference", "grouped", "flex", "flash")
+
+
+def flash_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Pick the fastest backend that works on this device (``auto``), or check a forced one."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r} is unknown; use one of {', '.join(BACKENDS)}.")
+    if name == "auto":
+        if device.type == "cuda":
+            return "flash" if flash_available() and dtype in (torch.float16, torch.bfloat16) else "flex"
+        return "grouped"
+    if name == "flash" and not flash_available():
+        raise ValueError("attention backend 'flash' needs CUDA and the flash-attn package; use 'auto' instead.")
+    return name
+
+
+@dataclass
+class AttentionPlan:
+    """Index tensors for one batch and one backend; built once, used by every block."""
+
+    backend: str
+    causal: bool
+    num_tokens: int
+    joint: torch.Tensor | None = None  # (N,) stream index of each joint-order token
+    joint_inverse: torch.Tensor | None = None  # (N,) joint position of each stream token
+    dense_mask: torch.Tensor | None = None  # reference: (N, N) bool
+    group_index: list[torch.Tensor] = field(default_factory=list)  # grouped: (G, L) stream index, pad = N
+    group_mask: list[torch.Tensor | None] = field(default_factory=list)  # grouped: None, (G,1,1,L) or (G,1,L,L)
+    group_back: torch.Tensor | None = None  # grouped: (N,) row of each stream token in the stacked outputs
+    block_mask: object | None = None  # flex
+    flash: dict | None = None  # flash: cu_seqlens and, for causal, the query-chunk/key-prefix layout
+
+
+def _joint_order(layout: Layout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stream indices in joint order ([text_b; visual_b] per segment), segment id and frame per joint token."""
+    nt = layout.num_text
+    pieces, segment, frame = [], [], []
+    for b in range(layout.num_segments):
+        t0, t1 = layout.text_offsets[b], layout.text_offsets[b + 1]
+        v0, v1 = layout.visual_offsets[b], layout.visual_offsets[b + 1]
+        pieces += [torch.arange(t0, t1), torch.arange(nt + v0, nt + v1)]
+        segment.append(torch.full((t1 - t0 + v1 - v0,), b))
+        frame += [torch.full((t1 - t0,), -1), layout.frame[v0:v1]]
+    return torch.cat(pieces).to(device), torch.cat(segment).to(device), torch.cat(frame).to(device)
+
+
+def build_plan(layout: Layout, backend: str, causal: bool, device: torch.device) -> AttentionPlan:
+    n = layout.num_text + layout.num_visual
+    plan = AttentionPlan(backend=backend, causal=causal, num_tokens=n)
+    if backend == "grouped":
+        _build_grouped(plan, layout, device)
+        return plan
+    joint, segment, frame = _joint_order(layout, device)
+    plan.joint = joint
+    plan.joint_inverse = torch.empty_like(joint)
+    plan.joint_inverse[joint] = torch.arange(n, device=device)
+    if backend == "reference":
+        mask = segment[:, None] == segment[None, :]
+        if causal:
+            mask &= frame[None, :] <= frame[:, None]
+        plan.dense_mask = mask
+    elif backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def document(b, h, q, k):
+            same = segment[q] == segment[k]
+            return same & (frame[k] <= frame[q]) if causal else same
+
+        plan.block_mask = create_block_mask(document, None, None, n, n, device=str(device))
+    elif backend == "flash":
+        plan.flash = _flash_layout(layout, segment, frame, causal, device)
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}.")
+    return plan
+
+
+def _build_grouped(plan: AttentionPlan, layout: Layout, device: torch.device) -> None:
+    nt, n = layout.num_text, plan.num_tokens
+    back = torch.empty(n, dtype=torch.long)
+    row_offset = 0
+    for group in layout.groups:
+        segments = list(group.segments)
+        text_len = [layout.text_lengths[b] for b in segments]
+        lmax = max(text_len) + group.visual_length
+        index = torch.full((len(segments), lmax), n, dtype=torch.long)
+        frame = torch.full((len(segments), lmax), -1, dtype=torch.long)
+        valid = torch.zeros((len(segments), lmax), dtype=torch.bool)
+        for j, b in enumerate(segments):
+            t0, t1 = layout.text_offsets[b], layout.text_offsets[b + 1]
+            v0, v1 = layout.visual_offsets[b], layout.visual_offsets[b + 1]
+            tokens = torch.cat([torch.arange(t0, t1), torch.arange(nt + v0, nt + v1)])
+            index[j, : tokens.numel()] = tokens
+            valid[j, : tokens.numel()] = True
+            frame[j, t1 - t0 : tokens.numel()] = layout.frame[v0:v1]
+            back[tokens] = row_offset + j * lmax + torch.arange(tokens.numel())
+        row_offset += len(segments) * lmax
+        if plan.causal:
+            mask = valid[:, None, :] & (frame[:, None, :] <= frame[:, :, None])  # (G, Lq, Lk)
+            mask = mask.unsqueeze(1)
+        elif valid.all():
+            mask = None
+        else:
+            mask = valid[:, None, None, :]
+        plan.group_index.append(index.to(device))
+        plan.group_mask.append(None if mask is None else mask.to(device))
+    plan.group_back = back.to(device)
+
+
+def _flash_layout(layout: Layout, segment: torch.Tensor, frame: torch.Tensor, causal: bool, device: torch.device) -> dict:
+    """cu_seqlens for flash-attn varlen. Temporal-causal attention is expressed without a mask: each
+    segment is split into query chunks (its text, then each frame) and every chunk attends to a prefix
+    of its segment (text + frames up to its own), gathered as its own key sequence."""
+    cu = layout.cu_seqlens().to(device)
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    if not causal:
+        return {"cu_q": cu, "cu_k": cu, "max_q": max(lengths), "max_k": max(lengths), "key_index": None}
+    q_lengths, k_index = [], []
+    for b in range(layout.num_segments):
+        start = int(cu[b])
+        seg_frames = frame[start : start + lengths[b]]
+        ids = torch.unique_consecutive(seg_frames)
+        for f in ids.tolist():
+            members = (seg_frames == f).nonzero().flatten()
+            q_lengths.append(members.numel())
+            prefix_end = int(members[-1]) + 1
+            k_index.append(torch.arange(start, start + prefix_end, device=device))
+    k_lengths = [k.numel() for k in k_index]
+    cu_q = F.pad(torch.tensor(q_lengths, device=device).cumsum(0), (1, 0)).to(torch.int32)
+    cu_k = F.pad(torch.tensor(k_lengths, device=device).cumsum(0), (1, 0)).to(torch.int32)
+    return {"cu_q": cu_q, "cu_k": cu_k, "max_q": max(q_lengths), "max_k": max(k_lengths), "key_index": torch.cat(k_index)}
+
+
+_compiled_flex: Callable | None = None
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.device.type == "cuda":
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=True)
+        return _compiled_flex(q, k, v, block_mask=block_mask)
+    if torch.is_grad_enabled() and q.requires_grad:
+        raise ValueError(
+            "attention backend 'flex' has no backward on CPU; train on CPU with 'grouped' (or 'auto'), "
+            "and keep 'flex' for CUDA training or CPU inference."
+        )
+    import warnings
+
+    with warnings.catch_warnings():  # eager on CPU is for checking, not speed
+        warnings.simplefilter("ignore")
+        return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k)
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, varlen_fn: Callable | None = None
+) -> torch.Tensor:
+    """Segment-local attention. q, k, v: (N, heads, head_dim) in stream order; returns the same shape.
+
+    varlen_fn replaces flash-attn's kernel (same signature) so the flash layout can be checked off-GPU.
+    """
+    if plan.backend == "grouped":
+        zero = q.new_zeros(1, *q.shape[1:])
+        qz, kz, vz = (torch.cat([x, zero]) for x in (q, k, v))
+        outputs = []
+        for index, mask in zip(plan.group_index, plan.group_mask):
+            qg, kg, vg = (x[index].transpose(1, 2) for x in (qz, kz, vz))  # (G, H, L, Dh)
+            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask)
+            outputs.append(o.transpose(1, 2).reshape(-1, *q.shape[1:]))
+        stacked = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return stacked[plan.group_back]
+    qj, kj, vj = q[plan.joint], k[plan.joint], v[plan.joint]  # joint order
+    if plan.backend == "reference":
+        o = F.scaled_dot_product_attention(
+            qj.transpose(0, 1).unsqueeze(0), kj.transpose(0, 1).unsqueeze(0), vj.transpose(0, 1).unsqueeze(0),
+            attn_mask=plan.dense_mask,
+        )[0].transpose(0, 1)
+    elif plan.backend == "flex":
+        o = _flex(
+            qj.transpose(0, 1).unsqueeze(0), kj.transpose(0, 1).unsqueeze(0), vj.transpose(0, 1).unsqueeze(0),
+            plan.block_mask,
+        )[0].transpose(0, 1)
+    elif plan.backend == "flash":
+        f = plan.flash
+        if f["key_index"] is not None:
+            kj, vj = kj[f["key_index"]], vj[f["key_index"]]
+        o = (varlen_fn or _flash_varlen)(qj, kj, vj, f["cu_q"], f["cu_k"], f["max_q"], f["max_k"])
+    else:
+        raise ValueError(f"unknown attention backend {plan.backend!r}.")
+    return o[plan.joint_inverse]

@@ -1,0 +1,164 @@
+"""``pyraflow bench``: training-step speed and memory of the packed multi-stage step.
+
+The standard bench config (fixed so figures compare across versions): MMDiT with 4 blocks, width 256
+(4 heads of 64), patch 2, 4 latent channels, 3 stages at 8x8 / 16x16 / 32x32 latent, text of 16-32
+valid tokens of width 384, mix 25/50/25 by samples: 16 samples (4 / 8 / 4) = 1,600 visual tokens.
+
+Timing alternates the variants round by round in one process (so drift hits all alike) and reports
+medians. Peak memory is measured in a fresh process per variant: the rise of peak resident memory
+over the resident memory after building model and batch (CPU), or
+torch.cuda.max_memory_allocated (CUDA).
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+from pyraflow.model import ModelConfig, MultiStageMMDiT
+from pyraflow.packing import PackedBatch, Sample, pack
+
+STANDARD_STAGES = [(0, 8, 4), (1, 16, 8), (2, 32, 4)]  # (stage, latent side, samples)
+
+
+def standard_model_config(**overrides) -> ModelConfig:
+    return ModelConfig(in_channels=4, patch_size=2, width=256, depth=4, num_heads=4, text_dim=384, pooled_dim=384,
+                       **overrides)
+
+
+def standard_batch(seed: int = 0) -> PackedBatch:
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for stage, side, count in STANDARD_STAGES:
+        for _ in range(count):
+            length = int(torch.randint(16, 33, (1,), generator=g))
+            samples.append(Sample(stage, torch.randn(4, 1, side, side, generator=g), torch.randn(length, 384, generator=g),
+                                  torch.randn(384, generator=g), float(torch.rand((), generator=g) * 1000)))
+    return pack(samples, num_stages=3, patch_size=2, channels=4, text_dim=384, pooled_dim=384)
+
+
+class TrainStep:
+    """Forward, MSE loss, backward and AdamW on one packed batch, in fp32 or bf16 autocast."""
+
+    def __init__(self, backend: str, precision: str, device: torch.device, seed: int = 0):
+        torch.manual_seed(seed)
+        self.model = MultiStageMMDiT(standard_model_config(attention=backend)).to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.batch = standard_batch(seed).to(device)
+        self.target = torch.randn_like(self.batch.visual)
+        self.device = device
+        self.precision = precision
+        self.context = self.model.prepare(self.batch.layout, device, self._dtype())
+
+    def _dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    def __call__(self) -> float:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            out = self.model(self.batch, self.context)
+        loss = torch.nn.functional.mse_loss(out.float(), self.target)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    @property
+    def visual_tokens(self) -> int:
+        return self.batch.visual.shape[0]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_memory_mb(backend: str, precision: str, device: str, steps: int, threads: int | None) -> float:
+    if threads:
+        torch.set_num_threads(threads)
+    step = TrainStep(backend, precision, torch.device(device))
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            step()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    # ru_maxrss is the process's lifetime peak, hence a fresh process per variant; the baseline is taken
+    # after model and batch exist, so the figure covers activations, gradients and optimizer state.
+    base = _rss_bytes()
+    for _ in range(steps):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return max(peak - base, 0) / 2**20
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "date": datetime.date.today().isoformat()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, progress: bool = True,
+              backends: list[str] | None = None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if backends is None:
+        backends = ["grouped", "reference"] + (["flex"] if device.type == "cuda" else [])
+    variants = [(b, p) for b in backends for p in ("fp32", "bf16")]
+    runners = {v: TrainStep(*v, device) for v in variants}
+    times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+    for i in tqdm(range(warmup + steps), desc="bench rounds", disable=not progress):
+        for v, step in runners.items():  # alternate variants within each round
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[v].append(time.perf_counter() - start)
+    tokens = runners[variants[0]].visual_tokens
+    result = {"machine": machine(), "config": {"blocks": 4, "width": 256, "heads": 4, "patch": 2, "channels": 4,
+              "stages": [8, 16, 32], "samples_per_stage": [4, 8, 4], "visual_tokens": tokens, "steps": steps},
+              "backends": {}}
+    context = multiprocessing.get_context("spawn")
+    for backend in backends:
+        fastest = min(("fp32", "bf16"), key=lambda p: statistics.median(times[(backend, p)]))
+        ms = 1000 * statistics.median(times[(backend, fastest)])
+        with context.Pool(1) as pool:
+            peak = pool.apply(_peak_memory_mb, (backend, fastest, device.type, 3, threads))
+        result["backends"][backend] = {
+            "ms_per_step": ms,
+            "visual_tokens_per_s": tokens / (ms / 1000),
+            "peak_mem_mb": peak,
+            "precision": fastest,
+            "ms_per_step_by_precision": {p: 1000 * statistics.median(times[(backend, p)]) for p in ("fp32", "bf16")},
+        }
+    return result
+
+
+def format_bench(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"{m['cpu']} ({m['cores']} cores, {m['threads']} threads), torch {m['torch']}, {m['date']}",
+             f"{'backend':<10} {'precision':<9} {'ms/step':>8} {'visual tok/s':>12} {'peak MB':>8}"]
+    for name, r in result["backends"].items():
+        lines.append(f"{name:<10} {r['precision']:<9} {r['ms_per_step']:>8.1f} {r['visual_tokens_per_s']:>12.0f} "
+                     f"{r['peak_mem_mb']:>8.1f}")
+    return "\n".join(lines)

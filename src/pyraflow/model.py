@@ -1,0 +1,368 @@
+"""The multi-stage MMDiT: one SD3-style transformer over packed segments of any stage.
+
+    v = model(batch)  # batch: PackedBatch; v: (Nv, C * p * p), row i = visual token i
+
+The model knows nothing of stages, noise or losses: the timestep (one per conditioning run) already
+says which stage a segment is in, and positions already place coarse tokens among fine ones.
+
+Text and visual tokens have separate weights (two streams) and meet in joint attention inside each
+segment. Conditioning c = embed(timestep) + embed(pooled text) drives adaLN-Zero per segment, or per
+frame where a segment carries one timestep per frame (a *run*). Modulation vectors are broadcast over
+each group of equal-shape runs rather than copied to every token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from pyraflow.attention import BACKENDS, AttentionPlan, attend, build_plan, resolve_backend
+from pyraflow.packing import Layout, PackedBatch
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the MMDiT. Widths in channels; head_dim = width / num_heads."""
+
+    in_channels: int = 4
+    """Latent channels of the visual input (and output)."""
+    patch_size: int = 2
+    width: int = 256
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    text_dim: int = 384
+    """Width of the text encoder's token states."""
+    pooled_dim: int = 384
+    """Width of the pooled text vector that joins the timestep in the adaLN conditioning."""
+    rope_axes: list[int] | None = None
+    """Head dims given to the (t, h, w) RoPE axes; even numbers summing to head_dim. None: 1/4, 3/8, 3/8."""
+    rope_theta: float = 10000.0
+    attention: str = "auto"
+    """Attention backend: auto, reference, grouped, flex or flash (see pyraflow.attention)."""
+    temporal_causal: bool = False
+    """Visual tokens see only their own and earlier frames (and the text); text sees only text."""
+    checkpoint_fraction: float = 0.0
+    """Fraction of blocks (the first ones) whose activations are recomputed in backward to save memory."""
+
+    def __post_init__(self) -> None:
+        for name in ("in_channels", "patch_size", "width", "depth", "num_heads", "text_dim", "pooled_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{name}={value!r} must be a positive integer.")
+        if self.width % self.num_heads:
+            raise ValueError(f"model.width={self.width} must be divisible by model.num_heads={self.num_heads}.")
+        head_dim = self.width // self.num_heads
+        axes = self.axes()
+        if len(axes) != 3 or sum(axes) != head_dim or any(a < 2 or a % 2 for a in axes):
+            raise ValueError(
+                f"model.rope_axes={axes} must be three positive even numbers summing to head_dim={head_dim}."
+            )
+        if self.attention not in BACKENDS:
+            raise ValueError(f"model.attention={self.attention!r} is unknown; use one of {', '.join(BACKENDS)}.")
+        if not 0.0 <= self.checkpoint_fraction <= 1.0:
+            raise ValueError(f"model.checkpoint_fraction={self.checkpoint_fraction} must be in [0, 1].")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"model.mlp_ratio={self.mlp_ratio} must be > 0.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    def axes(self) -> list[int]:
+        if self.rope_axes is not None:
+            return list(self.rope_axes)
+        d = self.width // self.num_heads
+        t = 2 * max(1, d // 8)
+        h = 2 * ((d - t) // 4)
+        return [t, h, d - t - h]
+
+
+class RunBroadcast:
+    """Applies per-run vectors (R, D) to the tokens of each run (N, D).
+
+    Runs are consecutive slices of a stream. Where they come in a few blocks of equal length, each block
+    is viewed as (runs, length, D) and the vectors broadcast over it — no per-token copy. Where runs of
+    many different lengths alternate (text of varied lengths), one gather to (N, D) is cheaper than a
+    Python loop over blocks.
+    """
+
+    MAX_BLOCKS = 8
+
+    def __init__(self, run_lengths: list[int], device: torch.device):
+        blocks: list[list[int]] = []  # [token_start, token_end, run_start, run_end, length]
+        token = 0
+        for r, length in enumerate(run_lengths):
+            if blocks and blocks[-1][4] == length:
+                blocks[-1][1] += length
+                blocks[-1][3] += 1
+            else:
+                blocks.append([token, token + length, r, r + 1, length])
+            token += length
+        self.blocks = blocks
+        self.index = None
+        if len(blocks) > self.MAX_BLOCKS:
+            lengths = torch.tensor(run_lengths, device=device)
+            self.index = torch.repeat_interleave(torch.arange(len(run_lengths), device=device), lengths)
+
+    def apply(self, fn, tokens: tuple[torch.Tensor, ...], per_run: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """fn(*tokens, *per_run) evaluated with per-run vectors broadcast to their tokens."""
+        if self.index is not None:
+            return fn(*tokens, *(v[self.index] for v in per_run))
+        out = []
+        for t0, t1, r0, r1, length in self.blocks:
+            tk = (x[t0:t1].view(r1 - r0, length, x.shape[-1]) for x in tokens)
+            out.append(fn(*tk, *(v[r0:r1].unsqueeze(1) for v in per_run)).reshape(t1 - t0, -1))
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+def _gated_add(residual, y, gate):
+    return residual + gate * y
+
+
+def _norm_modulate(x, shift, scale):
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift
+
+
+class Context:
+    """What every block needs about the batch, computed once per forward."""
+
+    def __init__(self, layout: Layout, plan: AttentionPlan, rope: tuple[torch.Tensor, torch.Tensor], device):
+        self.layout = layout
+        self.plan = plan
+        self.rope = rope  # cos, sin: (Nv, 1, head_dim / 2)
+        visual_runs: list[int] = []
+        for g in layout.groups:
+            visual_runs += [g.visual_length // g.runs_per_segment] * (len(g.segments) * g.runs_per_segment)
+        self.visual = RunBroadcast(visual_runs, device)
+        self.text = RunBroadcast(layout.text_lengths, device)
+
+
+def rope_tables(positions: torch.Tensor, axes: list[int], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (N, 1, head_dim/2) for 3-axis RoPE at float positions (N, 3)."""
+    angles = []
+    for axis, dim in enumerate(axes):
+        inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)
+        angles.append(positions[:, axis : axis + 1].float() * inv_freq)
+    angle = torch.cat(angles, dim=-1).unsqueeze(1)
+    return angle.cos(), angle.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of x (N, H, Dh) by the angles in cos/sin (N, 1, Dh/2)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+class Stream(nn.Module):
+    """One modality's weights inside a block (SD3 keeps text and visual weights apart)."""
+
+    def __init__(self, cfg: ModelConfig, pre_only: bool = False):
+        super().__init__()
+        d = cfg.width
+        self.pre_only = pre_only
+        self.modulation = nn.Linear(d, (2 if pre_only else 6) * d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
+        if not pre_only:
+            self.proj = nn.Linear(d, d)
+            hidden = int(d * cfg.mlp_ratio)
+            self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
+
+    def qkv_heads(self, x, cond, runs: RunBroadcast, heads: int):
+        mod = self.modulation(cond).chunk(2 if self.pre_only else 6, dim=-1)
+        h = runs.apply(_norm_modulate, (x,), (mod[0], mod[1]))
+        q, k, v = self.qkv(h).unflatten(-1, (3, heads, -1)).unbind(-3)  # (N, H, Dh) each
+        return self.q_norm(q), self.k_norm(k), v, mod
+
+    def finish(self, x, attn_out, mod, runs: RunBroadcast):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        x = runs.apply(_gated_add, (x, self.proj(attn_out)), (gate_msa,))
+        h = runs.apply(_norm_modulate, (x,), (shift_mlp, scale_mlp))
+        return runs.apply(_gated_add, (x, self.mlp(h)), (gate_mlp,))
+
+
+class MMDiTBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, last: bool = False):
+        super().__init__()
+        self.heads = cfg.num_heads
+        self.text = Stream(cfg, pre_only=last)  # the last block's text output is never read
+        self.visual = Stream(cfg)
+
+    def forward(self, x_text, x_visual, cond_text, cond_visual, ctx: Context):
+        qt, kt, vt, mod_t = self.text.qkv_heads(x_text, cond_text, ctx.text, self.heads)
+        qv, kv, vv, mod_v = self.visual.qkv_heads(x_visual, cond_visual, ctx.visual, self.heads)
+        cos, sin = ctx.rope
+        qv, kv = apply_rope(qv, cos, sin), apply_rope(kv, cos, sin)
+        nt = x_text.shape[0]
+        out = attend(torch.cat([qt, qv]), torch.cat([kt, kv]), torch.cat([vt, vv]), ctx.plan).flatten(-2)
+        x_visual = self.visual.finish(x_visual, out[nt:], mod_v, ctx.visual)
+        if not self.text.pre_only:
+            x_text = self.text.finish(x_text, out[:nt], mod_t, ctx.text)
+        return x_text, x_visual
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of timesteps on the 0..1000 axis: (R,) -> (R, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class MultiStageMMDiT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        d = cfg.width
+        patch_dim = cfg.in_channels * cfg.patch_size**2
+        self.visual_in = nn.Linear(patch_dim, d)
+        self.text_in = nn.Linear(cfg.text_dim, d)
+        self.time_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        self.pooled_mlp = nn.Sequential(nn.Linear(cfg.pooled_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.blocks = nn.ModuleList([MMDiTBlock(cfg, last=i == cfg.depth - 1) for i in range(cfg.depth)])
+        self.final_modulation = nn.Linear(d, 2 * d)
+        self.visual_out = nn.Linear(d, patch_dim)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Every init choice in one place.
+
+        - Linear layers: Xavier-uniform weights, zero biases (as DiT).
+        - Timestep and pooled-text MLPs: normal(0, 0.02), so conditioning starts small but not zero.
+        - Every adaLN modulation layer and the output layer: zero, so each block starts as the identity
+          (gates are 0) and the model's first prediction is 0.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for mlp in (self.time_mlp, self.pooled_mlp):
+            for layer in mlp:
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, std=0.02)
+        zero = [self.final_modulation, self.visual_out]
+        for block in self.blocks:
+            zero += [block.text.modulation, block.visual.modulation]
+        for layer in zero:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def _check(self, batch: PackedBatch) -> None:
+        cfg = self.config
+        patch_dim = cfg.in_channels * cfg.patch_size**2
+        if batch.layout.patch_size != cfg.patch_size:
+            raise ValueError(f"batch was packed with patch size {batch.layout.patch_size}, model uses {cfg.patch_size}.")
+        if batch.visual.shape[-1] != patch_dim:
+            raise ValueError(
+                f"visual tokens are {batch.visual.shape[-1]} wide; the model expects {patch_dim} "
+                f"({cfg.in_channels} channels x {cfg.patch_size}x{cfg.patch_size} patches)."
+            )
+        if batch.text.shape[-1] != cfg.text_dim:
+            raise ValueError(f"text tokens are {batch.text.shape[-1]} wide; the model expects {cfg.text_dim}.")
+        if batch.pooled.shape[-1] != cfg.pooled_dim:
+            raise ValueError(f"pooled text is {batch.pooled.shape[-1]} wide; the model expects {cfg.pooled_dim}.")
+
+    def prepare(self, layout: Layout, device: torch.device, dtype: torch.dtype = torch.float32) -> Context:
+        """Attention plan, RoPE tables and modulation layout for one batch (reusable across calls)."""
+        cfg = self.config
+        backend = resolve_backend(cfg.attention, device, dtype)
+        plan = build_plan(layout, backend, cfg.temporal_causal, device)
+        rope = rope_tables(layout.positions.to(device), cfg.axes(), cfg.rope_theta)
+        return Context(layout, plan, rope, device)
+
+    def forward(self, batch: PackedBatch, context: Context | None = None) -> torch.Tensor:
+        """batch -> velocity tokens (Nv, C * p * p), aligned with batch.visual."""
+        self._check(batch)
+        layout = batch.layout
+        device = batch.visual.device
+        ctx = context or self.prepare(layout, device, torch.get_autocast_dtype(device.type)
+                                      if torch.is_autocast_enabled(device.type) else batch.visual.dtype)
+        run_segment = layout.run_segment.to(device)
+        cond = self.time_mlp(timestep_embedding(batch.timestep)) + self.pooled_mlp(batch.pooled)[run_segment]
+        cond = F.silu(cond)  # (R, D), shared by every modulation layer
+        cond_text = cond[layout.text_run.to(device)]  # (B, D)
+        x_text = self.text_in(batch.text)  # (Nt, D)
+        x_visual = self.visual_in(batch.visual)  # (Nv, D)
+        n_checkpointed = round(self.config.checkpoint_fraction * len(self.blocks))
+        for i, block in enumerate(self.blocks):
+            if i < n_checkpointed and torch.is_grad_enabled():
+                x_text, x_visual = checkpoint(block, x_text, x_visual, cond_text, cond, ctx, use_reentrant=False)
+            else:
+                x_text, x_visual = block(x_text, x_visual, cond_text, cond, ctx)
+        shift, scale = self.final_modulation(cond).chunk(2, dim=-1)
+        h = ctx.visual.apply(_norm_modulate, (x_visual,), (shift, scale))
+        return self.visual_out(h)  # (Nv, C * p * p)
+
+    # ----- persistence -----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json and model.safetensors (written to temporary names, then renamed)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp_config = directory / "config.json.tmp"
+        tmp_config.write_text(json.dumps(asdict(self.config), indent=2))
+        tmp_weights = directory / "model.safetensors.tmp"
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp_weights))
+        tmp_config.replace(directory / "config.json")
+        tmp_weights.replace(directory / "model.safetensors")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **overrides) -> "MultiStageMMDiT":
+        """Load a model written by save_pretrained; ``overrides`` change runtime-only fields (e.g. attention)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path, weights_path = directory / "config.json", directory / "model.safetensors"
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing; point at a directory written by save_pretrained.")
+        try:
+            raw = json.loads(config_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_path} is not valid JSON ({err}); the checkpoint is corrupt.") from err
+        known = {f.name for f in fields(ModelConfig)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"{config_path} has unknown model fields {sorted(unknown)}; was it written by pyraflow?")
+        model = cls(ModelConfig(**{**raw, **overrides}))
+        try:
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{weights_path} cannot be read ({err}); the checkpoint is corrupt.") from err
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights_path} does not match its config.json: missing {missing[:3]}, unexpected {unexpected[:3]}."
+            )
+        return model
+
+
+def linear_flops_per_token(cfg: ModelConfig) -> float:
+    """Forward multiply-add FLOPs (x2) of every linear layer per visual or text token per block."""
+    d = cfg.width
+    return 2 * (3 * d * d + d * d + 2 * d * int(d * cfg.mlp_ratio))
+
+
+def estimate_activation_bytes(cfg: ModelConfig, segment_lengths: list[int], bytes_per_element: int = 2) -> int:
+    """Rough activation memory of one training step: what autograd keeps per token per block
+    (norm outputs, q/k/v, attention output, MLP input and hidden, residuals: about (16 + 2 * mlp_ratio) * width
+    values), times tokens and blocks; attention is assumed flash-style (no L x L scores kept)."""
+    tokens = sum(segment_lengths)
+    per_token = (16 + 2 * cfg.mlp_ratio) * cfg.width
+    kept_blocks = cfg.depth * (1 - cfg.checkpoint_fraction) + (1 if cfg.checkpoint_fraction > 0 else 0)
+    return int(tokens * per_token * max(kept_blocks, 1) * bytes_per_element)

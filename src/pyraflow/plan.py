@@ -1,0 +1,134 @@
+"""``pyraflow plan``: the schedule's numbers and a simulation of the batcher, before any training.
+
+Answers the questions one asks before a run: which sigma and timestep window each stage gets, how
+many samples of each stage a batch holds, how steady the tokens per step are, whether the realised
+mix tracks the target, and roughly how much activation memory a step takes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from pyraflow.batching import TokenBudgetBatcher, build_mix
+from pyraflow.config import Config
+from pyraflow.model import estimate_activation_bytes
+from pyraflow.schedule import PyramidSchedule
+
+
+def schedule_report(schedule: PyramidSchedule) -> dict:
+    cfg = schedule.config
+    return {
+        "name": cfg.preset,
+        "gamma": cfg.gamma,
+        "shift": cfg.shift,
+        "num_timesteps": cfg.num_timesteps,
+        "stages": [
+            {
+                "stage": s.stage,
+                "downsample": s.downsample,
+                "sigma_start": s.sigma_start,
+                "sigma_end": s.sigma_end,
+                "timestep_window": list(s.timestep_window),
+            }
+            for s in schedule.stages
+        ],
+    }
+
+
+def simulate(config: Config, steps: int, world_size: int = 1, progress: bool = False) -> dict:
+    """Run the batcher for ``steps`` steps on rank 0 and summarise what it chose."""
+    if steps < 1:
+        raise ValueError(f"--steps {steps} must be >= 1.")
+    k = config.schedule.stages
+    mix = build_mix(config.batching.mix, k)
+    segment_tokens = config.stage_segment_tokens()
+    batcher = TokenBudgetBatcher(config.batching, segment_tokens, mix, config.data.size, 0, world_size)
+    tokens = np.zeros(steps)
+    counts = np.zeros((steps, k))
+    target = np.zeros((steps, k))
+    activation = np.zeros(steps)
+    for i in tqdm(range(steps), desc="simulating batches", disable=not progress, leave=False):
+        target[i] = mix.ratio(i)
+        batch = batcher.next_batch()
+        tokens[i] = batch.tokens
+        counts[i] = batch.counts
+        lengths = [segment_tokens[s] for s in batch.stages]
+        activation[i] = estimate_activation_bytes(config.model, lengths)
+    unit = np.ones(k) if config.batching.ratio_unit == "samples" else np.asarray(segment_tokens, dtype=np.float64)
+    realised = (counts * unit).sum(0) / (counts * unit).sum()
+    samples = counts.sum(1)
+    return {
+        "steps": steps,
+        "ratio_unit": config.batching.ratio_unit,
+        "token_budget": config.batching.token_budget,
+        "per_stage": [
+            {
+                "stage": s,
+                "segment_tokens": segment_tokens[s],
+                "target_ratio": float(target[:, s].mean()),
+                "realised_ratio": float(realised[s]),
+                "samples_per_batch_mean": float(counts[:, s].mean()),
+                "tokens_per_batch_mean": float((counts[:, s] * segment_tokens[s]).mean()),
+            }
+            for s in range(k)
+        ],
+        "tokens_per_step": {
+            "mean": float(tokens.mean()),
+            "cv": float(tokens.std() / tokens.mean()),
+            "min": int(tokens.min()),
+            "max": int(tokens.max()),
+        },
+        "samples_per_step": {"mean": float(samples.mean()), "min": int(samples.min()), "max": int(samples.max())},
+        "global_batch": {
+            "world_size": world_size,
+            "samples_mean": float(samples.mean() * world_size),
+            "tokens_mean": float(tokens.mean() * world_size),
+        },
+        "activation_memory_mb": {
+            "bytes_per_element": 2,
+            "mean": float(activation.mean() / 2**20),
+            "max": float(activation.max() / 2**20),
+            "note": "autograd activations per rank, bf16, flash-style attention; weights and optimizer excluded",
+        },
+        "epochs": batcher.consumed / batcher.shard_size,
+    }
+
+
+def plan_report(config: Config, steps: int, world_size: int = 1, progress: bool = False) -> dict:
+    schedule = schedule_report(PyramidSchedule(config.schedule))
+    batches = simulate(config, steps, world_size, progress)
+    for entry, stage_stats in zip(schedule["stages"], batches.pop("per_stage")):
+        entry.update({k: v for k, v in stage_stats.items() if k != "stage"})
+    return {"schedule": schedule, **batches}
+
+
+def format_report(report: dict) -> str:
+    s = report["schedule"]
+    lines = [
+        f"schedule: {s['name']}  (gamma={s['gamma']:.4g}, shift={s['shift']:.4g}, timesteps 0..{s['num_timesteps']})",
+        "",
+        f"{'stage':>5} {'down':>4} {'sigma start':>11} {'sigma end':>9} {'timesteps':>17} "
+        f"{'tokens':>6} {'target':>7} {'realised':>8} {'samples/b':>9} {'tokens/b':>8}",
+    ]
+    for st in s["stages"]:
+        t_max, t_min = st["timestep_window"]
+        lines.append(
+            f"{st['stage']:>5} {st['downsample']:>3}x {st['sigma_start']:>11.4f} {st['sigma_end']:>9.4f} "
+            f"{t_max:>8.1f}->{t_min:>7.1f} {st['segment_tokens']:>6} {st['target_ratio']:>7.3f} "
+            f"{st['realised_ratio']:>8.3f} {st['samples_per_batch_mean']:>9.2f} {st['tokens_per_batch_mean']:>8.1f}"
+        )
+    t = report["tokens_per_step"]
+    g = report["global_batch"]
+    a = report["activation_memory_mb"]
+    lines += [
+        "",
+        f"{report['steps']} simulated steps, budget {report['token_budget']} tokens, mix by {report['ratio_unit']}",
+        f"tokens/step: mean {t['mean']:.1f}  cv {100 * t['cv']:.2f}%  min {t['min']}  max {t['max']}",
+        f"samples/step: mean {report['samples_per_step']['mean']:.2f}  "
+        f"min {report['samples_per_step']['min']}  max {report['samples_per_step']['max']}",
+        f"global batch ({g['world_size']} rank(s)): {g['samples_mean']:.1f} samples, {g['tokens_mean']:.0f} tokens",
+        f"activation memory (bf16, per rank): mean {a['mean']:.1f} MB, max {a['max']:.1f} MB",
+        f"epochs covered: {report['epochs']:.2f}",
+    ]
+    return "\n".join(lines)
