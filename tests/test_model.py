@@ -1,0 +1,154 @@
+"""The MMDiT: packed equals alone (outputs and gradients), causality, persistence, input checks."""
+
+import pytest
+import torch
+
+from pyraflow.model import MultiStageMMDiT, RunBroadcast
+from pyraflow.packing import Sample, pack, unpack
+from helpers import CHANNELS, POOLED_DIM, TEXT_DIM, randomised_model, random_samples
+
+
+def packed(samples, model):
+    cfg = model.config
+    return pack(samples, num_stages=3, patch_size=cfg.patch_size, channels=cfg.in_channels, text_dim=cfg.text_dim,
+                pooled_dim=cfg.pooled_dim)
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+@pytest.mark.parametrize("backend", ["reference", "grouped"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_packed_forward_and_gradients_equal_each_sample_alone(backend, seed):
+    model = randomised_model(seed, attention=backend)
+    samples = random_samples(seed, count=7, frames=(1, 2))
+    for s in samples:
+        s.latent.requires_grad_(True)
+        s.text.requires_grad_(True)
+    weights = [torch.randn(s.latent.shape, generator=torch.Generator().manual_seed(seed + i)) for i, s in enumerate(samples)]
+    params = list(model.parameters())
+
+    batch = packed(samples, model)
+    outputs = unpack(model(batch), batch.layout)
+    loss = sum((o * w).sum() for o, w in zip(outputs, weights))
+    grads = torch.autograd.grad(loss, params + [s.latent for s in samples] + [s.text for s in samples])
+
+    alone_outputs, input_grads = [], []
+    param_grads = [torch.zeros_like(p) for p in params]
+    for s, w in zip(samples, weights):
+        b = packed([s], model)
+        o = unpack(model(b), b.layout)[0]
+        alone_outputs.append(o.detach())
+        g = torch.autograd.grad((o * w).sum(), params + [s.latent, s.text])
+        param_grads = [acc + x for acc, x in zip(param_grads, g[: len(params)])]
+        input_grads.append(g[len(params):])
+    for o, a in zip(outputs, alone_outputs):
+        assert rel_err(o.detach(), a) <= 1e-5
+    for g, a in zip(grads[: len(params)], param_grads):
+        assert rel_err(g, a) <= 1e-5
+    n = len(samples)
+    for i, (d_latent, d_text) in enumerate(input_grads):
+        assert rel_err(grads[len(params) + i], d_latent) <= 1e-5
+        assert rel_err(grads[len(params) + n + i], d_text) <= 1e-5
+
+
+def test_flex_inference_matches_grouped():
+    samples = random_samples(5, count=5)
+    model = randomised_model(5, attention="grouped")
+    with torch.no_grad():
+        expected = model(packed(samples, model))
+        model.config.attention = "flex"
+        torch.testing.assert_close(model(packed(samples, model)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_many_text_lengths_use_the_gather_path_with_the_same_result():
+    assert RunBroadcast([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], torch.device("cpu")).index is not None
+    assert RunBroadcast([4, 4, 4, 16, 16], torch.device("cpu")).index is None
+    samples = random_samples(6, count=12)
+    for i, s in enumerate(samples):  # twelve distinct text lengths
+        s.text = torch.randn(i + 1, TEXT_DIM)
+    model = randomised_model(6, attention="grouped")
+    batch = packed(samples, model)
+    out = unpack(model(batch), batch.layout)
+    for s, o in zip(samples, out):
+        b = packed([s], model)
+        assert rel_err(o, unpack(model(b), b.layout)[0]) <= 1e-5
+
+
+def test_per_frame_timesteps_condition_each_frame():
+    model = randomised_model(7)
+    g = torch.Generator().manual_seed(7)
+    latent, text, pooled = torch.randn(CHANNELS, 3, 8, 8, generator=g), torch.randn(4, TEXT_DIM, generator=g), torch.randn(POOLED_DIM, generator=g)
+    same = model(packed([Sample(1, latent, text, pooled, torch.full((3,), 300.0))], model))
+    scalar = model(packed([Sample(1, latent, text, pooled, 300.0)], model))
+    torch.testing.assert_close(same, scalar)
+    varied = model(packed([Sample(1, latent, text, pooled, torch.tensor([10.0, 300.0, 900.0]))], model))
+    assert not torch.allclose(varied, scalar)
+
+
+@pytest.mark.parametrize("backend", ["reference", "grouped"])
+def test_temporal_causal_model_ignores_later_frames(backend):
+    g = torch.Generator().manual_seed(8)
+    latent = torch.randn(CHANNELS, 4, 8, 8, generator=g)
+    text, pooled = torch.randn(5, TEXT_DIM, generator=g), torch.randn(POOLED_DIM, generator=g)
+    later = latent.clone()
+    later[:, 3] += torch.randn(CHANNELS, 8, 8, generator=g)
+    frames_before = slice(0, 3)
+
+    def run(model, x):
+        batch = packed([Sample(1, x, text, pooled, 400.0)], model)
+        return unpack(model(batch), batch.layout)[0]
+
+    for causal, unchanged in ((True, True), (False, False)):
+        model = randomised_model(8, attention=backend, temporal_causal=causal)
+        a, b = run(model, latent), run(model, later)
+        assert torch.equal(a[:, frames_before], b[:, frames_before]) == unchanged
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = randomised_model(9, attention="grouped")
+    batch = packed(random_samples(9), model)
+    model.save_pretrained(tmp_path / "m")
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {"config.json", "model.safetensors"}
+    loaded = MultiStageMMDiT.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(loaded(batch), model(batch))
+    assert loaded.config == model.config
+
+
+def test_corrupt_or_missing_checkpoints_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        MultiStageMMDiT.from_pretrained(tmp_path)
+    randomised_model(0).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt"):
+        MultiStageMMDiT.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        MultiStageMMDiT.from_pretrained(tmp_path)
+
+
+def test_init_makes_every_block_start_as_identity():
+    torch.manual_seed(0)
+    model = MultiStageMMDiT(randomised_model(0).config)  # real init
+    out = model(packed(random_samples(10), model))
+    assert torch.count_nonzero(out) == 0  # zero output layer and zero gates
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    samples = random_samples(11)
+    grads = []
+    for fraction in (0.0, 0.67):
+        model = randomised_model(11, checkpoint_fraction=fraction)
+        model(packed(samples, model)).square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert rel_err(grads[1], grads[0]) <= 1e-6
+
+
+def test_model_refuses_a_batch_packed_for_another_shape():
+    model = randomised_model(12)
+    batch = pack(random_samples(12), num_stages=3, patch_size=2)
+    batch.text = torch.randn(batch.text.shape[0], TEXT_DIM + 1)
+    with pytest.raises(ValueError, match="text tokens are 25 wide; the model expects 24"):
+        model(batch)
