@@ -11,6 +11,17 @@ from helpers import random_samples
 HEADS, HEAD_DIM = 2, 8
 
 
+def split(layout, q, k, v):
+    nt = layout.num_text
+    return (q[:nt], k[:nt], v[:nt]), (q[nt:], k[nt:], v[nt:])
+
+
+def run(q, k, v, layout, plan):
+    """attend() on stream-ordered q/k/v (text tokens first), output in the same order."""
+    out_text, out_visual = attend(*split(layout, q, k, v), plan, varlen_fn=reference_varlen)
+    return torch.cat([out_text, out_visual])
+
+
 def qkv(layout, seed, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
     n = layout.num_text + layout.num_visual
@@ -51,7 +62,7 @@ def test_backend_equals_per_segment_attention_forward_and_backward(backend, caus
     layout = pack(random_samples(seed, count=8, frames=(1, 3)), num_stages=3).layout
     plan = build_plan(layout, backend, causal, torch.device("cpu"))
     q, k, v = qkv(layout, seed, requires_grad=True)
-    out = attend(q, k, v, plan, varlen_fn=reference_varlen)
+    out = run(q, k, v, layout, plan)
     expected = per_segment(q, k, v, layout, causal)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     w = torch.randn_like(out)
@@ -67,9 +78,9 @@ def test_flex_forward_on_cpu(causal):
     plan = build_plan(layout, "flex", causal, torch.device("cpu"))
     q, k, v = qkv(layout, 3)
     with torch.no_grad():
-        torch.testing.assert_close(attend(q, k, v, plan), per_segment(q, k, v, layout, causal), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(run(q, k, v, layout, plan), per_segment(q, k, v, layout, causal), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="no backward on CPU"):
-        attend(*qkv(layout, 3, requires_grad=True), plan)
+        run(*qkv(layout, 3, requires_grad=True), layout, plan)
 
 
 @pytest.mark.parametrize("backend", ["reference", "grouped", "flash"])
@@ -84,6 +95,6 @@ def test_causal_mask_blocks_later_frames(backend):
     v2[later] += 5.0
     for causal, unchanged in ((True, True), (False, False)):
         plan = build_plan(layout, backend, causal, torch.device("cpu"))
-        a = attend(q, k, v, plan, varlen_fn=reference_varlen)[earlier]
-        b = attend(q, k2, v2, plan, varlen_fn=reference_varlen)[earlier]
+        a = run(q, k, v, layout, plan)[earlier]
+        b = run(q, k2, v2, layout, plan)[earlier]
         assert torch.equal(a, b) == unchanged

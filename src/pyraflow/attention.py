@@ -1,14 +1,15 @@
 """Joint attention over packed segments, behind one interface with several backends.
 
-Every backend takes queries, keys and values for all tokens in *stream order* — the text tokens of
-all segments followed by the visual tokens of all segments, each (N, heads, head_dim) — plus an
-AttentionPlan built once per batch from the packing Layout, and returns the output in the same order.
+Every backend takes queries, keys and values of the text stream (all segments' text tokens, in
+segment order) and of the visual stream, each (N, heads, head_dim), plus an AttentionPlan built once
+per batch from the packing Layout, and returns the two streams' outputs.
 Attention is joint (text + visual) inside a segment and never crosses segments.
 
 Backends:
   reference  SDPA over the whole sequence with a dense block-diagonal boolean mask (simple, O(N^2) mask).
-  grouped    segments with the same visual shape batched as (G, heads, L, head_dim); different text
-             lengths are padded and masked per key. No dense N x N mask. The default on CPU.
+  grouped    segments with the same visual shape batched as (G, heads, L, head_dim), built from
+             contiguous views (no gathers); different text lengths are padded and masked per key.
+             No dense N x N mask. The default on CPU.
   flex       FlexAttention with a document mask (compiled on CUDA; eager on CPU, forward and backward).
   flash      flash-attn's varlen kernel over cu_seqlens (CUDA, fp16/bf16, when flash-attn is installed).
 
@@ -60,9 +61,7 @@ class AttentionPlan:
     joint: torch.Tensor | None = None  # (N,) stream index of each joint-order token
     joint_inverse: torch.Tensor | None = None  # (N,) joint position of each stream token
     dense_mask: torch.Tensor | None = None  # reference: (N, N) bool
-    group_index: list[torch.Tensor] = field(default_factory=list)  # grouped: (G, L) stream index, pad = N
-    group_mask: list[torch.Tensor | None] = field(default_factory=list)  # grouped: None, (G,1,1,L) or (G,1,L,L)
-    group_back: torch.Tensor | None = None  # grouped: (N,) row of each stream token in the stacked outputs
+    groups: list["GroupSlices"] = field(default_factory=list)  # grouped
     block_mask: object | None = None  # flex
     flash: dict | None = None  # flash: cu_seqlens and, for causal, the query-chunk/key-prefix layout
 
@@ -110,36 +109,73 @@ def build_plan(layout: Layout, backend: str, causal: bool, device: torch.device)
     return plan
 
 
+@dataclass
+class GroupSlices:
+    """One group of the grouped backend: G segments, contiguous in both streams, same visual length."""
+
+    text: tuple[int, int]  # slice of the text stream
+    visual: tuple[int, int]  # slice of the visual stream
+    count: int  # G
+    text_lengths: list[int]
+    mask: torch.Tensor | None  # None, (G, 1, 1, L) key padding, or (G, 1, L, L) causal
+
+    @property
+    def text_max(self) -> int:
+        return max(self.text_lengths)
+
+    @property
+    def padded(self) -> bool:
+        return min(self.text_lengths) != self.text_max
+
+
 def _build_grouped(plan: AttentionPlan, layout: Layout, device: torch.device) -> None:
-    nt, n = layout.num_text, plan.num_tokens
-    back = torch.empty(n, dtype=torch.long)
-    row_offset = 0
     for group in layout.groups:
-        segments = list(group.segments)
-        text_len = [layout.text_lengths[b] for b in segments]
-        lmax = max(text_len) + group.visual_length
-        index = torch.full((len(segments), lmax), n, dtype=torch.long)
-        frame = torch.full((len(segments), lmax), -1, dtype=torch.long)
-        valid = torch.zeros((len(segments), lmax), dtype=torch.bool)
-        for j, b in enumerate(segments):
-            t0, t1 = layout.text_offsets[b], layout.text_offsets[b + 1]
-            v0, v1 = layout.visual_offsets[b], layout.visual_offsets[b + 1]
-            tokens = torch.cat([torch.arange(t0, t1), torch.arange(nt + v0, nt + v1)])
-            index[j, : tokens.numel()] = tokens
-            valid[j, : tokens.numel()] = True
-            frame[j, t1 - t0 : tokens.numel()] = layout.frame[v0:v1]
-            back[tokens] = row_offset + j * lmax + torch.arange(tokens.numel())
-        row_offset += len(segments) * lmax
+        first, last = group.segments.start, group.segments.stop
+        text_lengths = layout.text_lengths[first:last]
+        count, lt, lv = len(text_lengths), max(text_lengths), group.visual_length
+        valid = torch.arange(lt + lv)[None, :] < torch.tensor(text_lengths)[:, None]
+        valid[:, lt:] = True  # (G, L): text padded to the group's longest, then the visual tokens
         if plan.causal:
-            mask = valid[:, None, :] & (frame[:, None, :] <= frame[:, :, None])  # (G, Lq, Lk)
-            mask = mask.unsqueeze(1)
-        elif valid.all():
+            v0 = layout.visual_offsets[first]
+            frame = torch.cat([torch.full((lt,), -1), layout.frame[v0 : v0 + lv]])
+            mask = (valid[:, None, :] & (frame[None, :] <= frame[:, None])[None]).unsqueeze(1)  # (G, 1, L, L)
+        elif min(text_lengths) == lt:
             mask = None
         else:
             mask = valid[:, None, None, :]
-        plan.group_index.append(index.to(device))
-        plan.group_mask.append(None if mask is None else mask.to(device))
-    plan.group_back = back.to(device)
+        plan.groups.append(
+            GroupSlices(
+                text=(layout.text_offsets[first], layout.text_offsets[last]),
+                visual=(group.visual_start, group.visual_start + count * lv),
+                count=count,
+                text_lengths=text_lengths,
+                mask=None if mask is None else mask.to(device),
+            )
+        )
+
+
+def _grouped(text: tuple[torch.Tensor, ...], visual: tuple[torch.Tensor, ...], plan: AttentionPlan):
+    """Each group as one (G, heads, L, head_dim) SDPA call, built from contiguous views and one cat."""
+    heads, dim = visual[0].shape[1:]
+    text_out, visual_out = [], []
+    for g in plan.groups:
+        t0, t1 = g.text
+        v0, v1 = g.visual
+        joint = []
+        for t, v in zip(text, visual):
+            if g.padded:
+                pieces = t[t0:t1].split(g.text_lengths)
+                t_part = torch.nn.utils.rnn.pad_sequence(pieces, batch_first=True)  # (G, Lt, H, Dh)
+            else:
+                t_part = t[t0:t1].view(g.count, g.text_max, heads, dim)
+            joint.append(torch.cat([t_part, v[v0:v1].view(g.count, -1, heads, dim)], dim=1).transpose(1, 2))
+        o = F.scaled_dot_product_attention(*joint, attn_mask=g.mask).transpose(1, 2)  # (G, L, H, Dh)
+        visual_out.append(o[:, g.text_max :].reshape(-1, heads, dim))
+        if g.padded:
+            text_out += [o[j, :n] for j, n in enumerate(g.text_lengths)]
+        else:
+            text_out.append(o[:, : g.text_max].reshape(-1, heads, dim))
+    return torch.cat(text_out), torch.cat(visual_out)
 
 
 def _flash_layout(layout: Layout, segment: torch.Tensor, frame: torch.Tensor, causal: bool, device: torch.device) -> dict:
@@ -196,23 +232,21 @@ def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, varlen_fn: Callable | None = None
-) -> torch.Tensor:
-    """Segment-local attention. q, k, v: (N, heads, head_dim) in stream order; returns the same shape.
+    text: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    visual: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    plan: AttentionPlan,
+    varlen_fn: Callable | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment-local joint attention.
 
-    varlen_fn replaces flash-attn's kernel (same signature) so the flash layout can be checked off-GPU.
+    text: (q, k, v) of all text tokens, each (Nt, heads, head_dim); visual: the same for (Nv, ...).
+    Returns (text output, visual output) in the same layout. varlen_fn replaces flash-attn's kernel
+    (same signature) so the flash layout can be checked off-GPU.
     """
     if plan.backend == "grouped":
-        zero = q.new_zeros(1, *q.shape[1:])
-        qz, kz, vz = (torch.cat([x, zero]) for x in (q, k, v))
-        outputs = []
-        for index, mask in zip(plan.group_index, plan.group_mask):
-            qg, kg, vg = (x[index].transpose(1, 2) for x in (qz, kz, vz))  # (G, H, L, Dh)
-            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask)
-            outputs.append(o.transpose(1, 2).reshape(-1, *q.shape[1:]))
-        stacked = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        return stacked[plan.group_back]
-    qj, kj, vj = q[plan.joint], k[plan.joint], v[plan.joint]  # joint order
+        return _grouped(text, visual, plan)
+    nt = text[0].shape[0]
+    qj, kj, vj = (torch.cat([t, v])[plan.joint] for t, v in zip(text, visual))  # joint order
     if plan.backend == "reference":
         o = F.scaled_dot_product_attention(
             qj.transpose(0, 1).unsqueeze(0), kj.transpose(0, 1).unsqueeze(0), vj.transpose(0, 1).unsqueeze(0),
@@ -230,4 +264,5 @@ def attend(
         o = (varlen_fn or _flash_varlen)(qj, kj, vj, f["cu_q"], f["cu_k"], f["max_q"], f["max_k"])
     else:
         raise ValueError(f"unknown attention backend {plan.backend!r}.")
-    return o[plan.joint_inverse]
+    o = o[plan.joint_inverse]
+    return o[:nt], o[nt:]

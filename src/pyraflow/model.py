@@ -179,7 +179,7 @@ class Stream(nn.Module):
         if not pre_only:
             self.proj = nn.Linear(d, d)
             hidden = int(d * cfg.mlp_ratio)
-            self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
+            self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
 
     def qkv_heads(self, x, cond, runs: RunBroadcast, heads: int):
         mod = self.modulation(cond).chunk(2 if self.pre_only else 6, dim=-1)
@@ -206,11 +206,10 @@ class MMDiTBlock(nn.Module):
         qv, kv, vv, mod_v = self.visual.qkv_heads(x_visual, cond_visual, ctx.visual, self.heads)
         cos, sin = ctx.rope
         qv, kv = apply_rope(qv, cos, sin), apply_rope(kv, cos, sin)
-        nt = x_text.shape[0]
-        out = attend(torch.cat([qt, qv]), torch.cat([kt, kv]), torch.cat([vt, vv]), ctx.plan).flatten(-2)
-        x_visual = self.visual.finish(x_visual, out[nt:], mod_v, ctx.visual)
+        out_text, out_visual = attend((qt, kt, vt), (qv, kv, vv), ctx.plan)
+        x_visual = self.visual.finish(x_visual, out_visual.flatten(-2), mod_v, ctx.visual)
         if not self.text.pre_only:
-            x_text = self.text.finish(x_text, out[:nt], mod_t, ctx.text)
+            x_text = self.text.finish(x_text, out_text.flatten(-2), mod_t, ctx.text)
         return x_text, x_visual
 
 
