@@ -62,6 +62,8 @@ class AttentionPlan:
     joint_inverse: torch.Tensor | None = None  # (N,) joint position of each stream token
     dense_mask: torch.Tensor | None = None  # reference: (N, N) bool
     groups: list["GroupSlices"] = field(default_factory=list)  # grouped
+    text_sizes: list[int] = field(default_factory=list)  # grouped: text tokens per group
+    visual_sizes: list[int] = field(default_factory=list)  # grouped: visual tokens per group
     block_mask: object | None = None  # flex
     flash: dict | None = None  # flash: cu_seqlens and, for causal, the query-chunk/key-prefix layout
 
@@ -152,23 +154,25 @@ def _build_grouped(plan: AttentionPlan, layout: Layout, device: torch.device) ->
                 mask=None if mask is None else mask.to(device),
             )
         )
+    plan.text_sizes = [g.text[1] - g.text[0] for g in plan.groups]
+    plan.visual_sizes = [g.visual[1] - g.visual[0] for g in plan.groups]
 
 
 def _grouped(text: tuple[torch.Tensor, ...], visual: tuple[torch.Tensor, ...], plan: AttentionPlan):
     """Each group as one (G, heads, L, head_dim) SDPA call, built from contiguous views and one cat."""
     heads, dim = visual[0].shape[1:]
+    # split (not slicing): its backward is one cat instead of a zero-filled copy per group
+    text_parts = [t.split(plan.text_sizes) for t in text]
+    visual_parts = [v.split(plan.visual_sizes) for v in visual]
     text_out, visual_out = [], []
-    for g in plan.groups:
-        t0, t1 = g.text
-        v0, v1 = g.visual
+    for i, g in enumerate(plan.groups):
         joint = []
-        for t, v in zip(text, visual):
+        for t, v in zip(text_parts, visual_parts):
             if g.padded:
-                pieces = t[t0:t1].split(g.text_lengths)
-                t_part = torch.nn.utils.rnn.pad_sequence(pieces, batch_first=True)  # (G, Lt, H, Dh)
+                t_part = torch.nn.utils.rnn.pad_sequence(t[i].split(g.text_lengths), batch_first=True)  # (G, Lt, H, Dh)
             else:
-                t_part = t[t0:t1].view(g.count, g.text_max, heads, dim)
-            joint.append(torch.cat([t_part, v[v0:v1].view(g.count, -1, heads, dim)], dim=1).transpose(1, 2))
+                t_part = t[i].view(g.count, g.text_max, heads, dim)
+            joint.append(torch.cat([t_part, v[i].view(g.count, -1, heads, dim)], dim=1).transpose(1, 2))
         o = F.scaled_dot_product_attention(*joint, attn_mask=g.mask).transpose(1, 2)  # (G, L, H, Dh)
         visual_out.append(o[:, g.text_max :].reshape(-1, heads, dim))
         if g.padded:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from pyraflow.model import ModelConfig, MultiStageMMDiT
 from pyraflow.packing import PackedBatch, Sample, pack
+from pyraflow.training import make_optimizer
 
 STANDARD_STAGES = [(0, 8, 4), (1, 16, 8), (2, 32, 4)]  # (stage, latent side, samples)
 
@@ -51,7 +52,7 @@ class TrainStep:
     def __init__(self, backend: str, precision: str, device: torch.device, seed: int = 0):
         torch.manual_seed(seed)
         self.model = MultiStageMMDiT(standard_model_config(attention=backend)).to(device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.optimizer = make_optimizer(list(self.model.parameters()), lr=1e-4, weight_decay=0.0)
         self.batch = standard_batch(seed).to(device)
         self.target = torch.randn_like(self.batch.visual)
         self.device = device

@@ -45,12 +45,102 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--world-size", type=_positive_int, default=1, help="ranks to plan for (default 1)")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    train = commands.add_parser("train", help="train (with no arguments: the bundled MNIST demo, ~10 minutes on 2 CPU cores)")
+    _common(train)
+    train.add_argument("--out", metavar="DIR", help="run directory (default: runs/<dataset>-<date>-<time>)")
+    train.add_argument("--max-steps", type=_positive_int, help="stop after this many steps (default: train.steps)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    prepare = commands.add_parser("prepare", help="pre-compute latents and text embeddings into a resumable cache")
+    _common(prepare)
+    prepare.add_argument("--out", metavar="DIR", help="cache directory (default: data.cache)")
+
+    sample = commands.add_parser("sample", help="pyramidal sampling from a trained run (EMA weights)")
+    sample.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory or checkpoints/step-N")
+    sample.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="caption (repeatable: one row each)")
+    sample.add_argument("--num", type=_positive_int, default=8, help="images per prompt (default 8)")
+    sample.add_argument("--steps", type=_positive_int, help="Euler steps per stage (default: the run's sample.steps)")
+    sample.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", required=True, metavar="FILE.png", help="where to write the grid")
+
+    evaluate = commands.add_parser("eval", help="FID (EfficientNet-Lite0) and, for mnist, digit accuracy of a run's samples")
+    evaluate.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory or checkpoints/step-N")
+    evaluate.add_argument("--num", type=_positive_int, default=200, help="samples to generate (default 200)")
+    evaluate.add_argument("--steps", type=_positive_int, help="Euler steps per stage (default: the run's)")
+    evaluate.add_argument("--guidance", type=float, help="guidance scale (default: the run's)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--json", action="store_true", help="print JSON only")
+
     bench = commands.add_parser("bench", help="time training steps of the attention backends (JSON keys in BENCHMARKS.md)")
     bench.add_argument("--steps", type=_positive_int, default=10, help="timed steps per variant (default 10)")
     bench.add_argument("--warmup", type=_positive_int, default=2, help="untimed steps per variant (default 2)")
     bench.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     bench.add_argument("--json", action="store_true", help="print JSON only")
     return parser
+
+
+def _train(args) -> int:
+    import logging
+
+    from pyraflow.training import TrainingStopped, run_training
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = load_config(args.config or _default_config(), args.overrides)
+    try:
+        summary = run_training(config, args.out, resume=args.resume, max_steps=args.max_steps, progress=not args.quiet)
+    except TrainingStopped as err:
+        print(f"pyraflow train: stopped: {err}", file=sys.stderr)
+        return 3
+    if summary is not None and int(__import__("os").environ.get("RANK", "0")) == 0:
+        run = summary["run_dir"]
+        print(f"trained {summary['steps']} steps in {summary['seconds'] / 60:.1f} min ({summary['precision']}); "
+              f"checkpoint {run}/checkpoints/latest, samples in {run}/samples, loss plot {run}/loss.png")
+    return 0
+
+
+def _default_config() -> str | None:
+    """configs/mnist.yaml beside the package when run from a checkout, else the built-in defaults."""
+    from pathlib import Path
+
+    candidate = Path(__file__).resolve().parents[2] / "configs" / "mnist.yaml"
+    return str(candidate) if candidate.is_file() else None
+
+
+def _prepare(args) -> int:
+    import logging
+
+    from pyraflow.cache import prepare
+    from pyraflow.latents import build_latent_space
+    from pyraflow.text import load_text_encoder
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    config = load_config(args.config or _default_config(), args.overrides)
+    out = args.out or config.data.cache
+    if not out:
+        raise ValueError("give --out DIR (or set data.cache) for the cache directory.")
+    result = prepare(config.data, out, load_text_encoder(config.text), build_latent_space(config.latent))
+    print(f"cache {out}: {result['samples']} samples in {result['shards']} shard(s); wrote {result['written']}, "
+          f"reused {result['reused']}, skipped {result['skipped']} unreadable file(s)")
+    for entry in result.get("skipped_files", [])[:10]:
+        print(f"  skipped {entry['path']}: {entry['reason']}")
+    return 0
+
+
+def _sample(args) -> int:
+    from pathlib import Path
+
+    from pyraflow.sampling import load_pipeline
+
+    if not args.prompt:
+        raise ValueError("give at least one --prompt TEXT (e.g. --prompt 'a handwritten digit seven').")
+    pipeline = load_pipeline(args.checkpoint)
+    steps = [args.steps] * pipeline.schedule.num_stages if args.steps else None
+    timings = pipeline.grid(args.prompt, args.num, Path(args.out), seed=args.seed, steps=steps, guidance=args.guidance)
+    stages = ", ".join(f"stage {k}: {t:.2f} s" for k, t in enumerate(timings))
+    print(f"wrote {args.out} ({len(args.prompt)} x {args.num}); time per stage: {stages}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +157,24 @@ def main(argv: list[str] | None = None) -> int:
             report = plan_report(load_config(args.config, overrides), args.steps, args.world_size,
                                  progress=not args.json)
             print(json.dumps(report, indent=2) if args.json else format_report(report))
+        elif args.command == "train":
+            return _train(args)
+        elif args.command == "prepare":
+            return _prepare(args)
+        elif args.command == "sample":
+            return _sample(args)
+        elif args.command == "eval":
+            from pyraflow.evaluation import evaluate
+
+            result = evaluate(args.checkpoint, args.num, args.seed, args.steps, args.guidance, progress=not args.json)
+            if args.json:
+                print(json.dumps(result, indent=2))
+            else:
+                print(f"FID (EfficientNet-Lite0) vs {result['fid_reference']}: {result['fid_efficientnet_lite0']:.1f} "
+                      f"({result['num_samples']} samples)")
+                if "digit_accuracy" in result:
+                    print(f"digit accuracy: {100 * result['digit_accuracy']:.1f}% (classifier on held-out digits: "
+                          f"{100 * result['classifier_heldout_accuracy']:.1f}%)")
         elif args.command == "bench":
             from pyraflow.bench import format_bench, run_bench
 

@@ -19,48 +19,82 @@ import yaml
 
 from pyraflow.batching import BatchingConfig, resolve_ratio
 from pyraflow.data import DataConfig
+from pyraflow.latents import LatentConfig
 from pyraflow.model import ModelConfig
+from pyraflow.sampling import SampleConfig
 from pyraflow.schedule import ScheduleConfig
+from pyraflow.text import TextConfig
 
 
 @dataclass
 class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(in_channels=DataConfig().channels))
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    train: "TrainConfig" = field(default_factory=lambda: _train_config())
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
-        data, model, k = self.data, self.model, self.schedule.stages
-        if model.in_channels != data.channels:
+        model, k = self.model, self.schedule.stages
+        channels, size = self.latent_channels(), self.latent_size()
+        if model.in_channels != channels:
             raise ValueError(
-                f"model.in_channels={model.in_channels} but data.channels={data.channels}; set them equal."
+                f"model.in_channels={model.in_channels} but the latents have {channels} channels; set them equal "
+                "(or leave model.in_channels unset to follow the latents)."
             )
         unit = model.patch_size * 2 ** (k - 1)
-        if data.image_size % unit:
+        if size % unit:
             raise ValueError(
-                f"data.image_size={data.image_size} must be divisible by patch_size * 2**(stages-1) = {unit} "
-                f"so that every stage has whole patches; change data.image_size, model.patch_size or schedule.stages."
+                f"the full-resolution latent is {size}x{size} (data.image_size={self.data.image_size} / latent "
+                f"downsample {self.latent.resolved_downsample()}), which must be divisible by patch_size * 2**(stages-1) "
+                f"= {unit} so every stage has whole patches; change data.image_size, model.patch_size or schedule.stages."
             )
         mix = self.batching.mix
         if mix.kind in ("constant", "adaptive"):
             resolve_ratio(mix.ratio, k)
+        self.sample.steps_per_stage(k)
+
+    def latent_channels(self) -> int:
+        return self.latent.resolved_channels(self.data.channels)
+
+    def latent_size(self) -> int:
+        return self.data.image_size // self.latent.resolved_downsample()
+
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """(C, T, H, W) of a full-resolution latent."""
+        size = self.latent_size()
+        return (self.latent_channels(), self.data.frames, size, size)
 
     def stage_visual_tokens(self) -> list[int]:
         """Visual tokens of one sample at each stage."""
-        p, k, s = self.model.patch_size, self.schedule.stages, self.data.image_size
+        p, k, s = self.model.patch_size, self.schedule.stages, self.latent_size()
         return [self.data.frames * (s // (p * 2 ** (k - 1 - i))) ** 2 for i in range(k)]
 
     def stage_segment_tokens(self) -> list[int]:
-        """Tokens one sample brings at each stage: visual + text."""
-        return [v + self.data.max_text_tokens for v in self.stage_visual_tokens()]
+        """Tokens one sample brings at each stage: visual + text (budgeted at text.max_tokens)."""
+        return [v + self.text.max_tokens for v in self.stage_visual_tokens()]
+
+
+def _train_config():
+    from pyraflow.training import TrainConfig
+
+    return TrainConfig()
 
 
 # ----- building dataclasses from mappings -------------------------------------------------------------
 
+def _hints(cls) -> dict:
+    from pyraflow.training import TrainConfig
+
+    return typing.get_type_hints(cls, localns={"TrainConfig": TrainConfig})
+
+
 def _dotted_keys(cls, prefix: str = "") -> list[str]:
     keys = []
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     for f in dataclasses.fields(cls):
         name = prefix + f.name
         keys.append(name)
@@ -134,7 +168,7 @@ def build(cls, raw: dict | None, prefix: str = ""):
     raw = raw or {}
     if not isinstance(raw, dict):
         raise ValueError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {raw!r}.")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
@@ -147,9 +181,9 @@ def build(cls, raw: dict | None, prefix: str = ""):
         else:
             kwargs[name] = _coerce(raw[name], tp, prefix + name)
     if cls is Config and "in_channels" not in (raw.get("model") or {}):
-        # The model's input channels follow the data unless set explicitly.
-        data = kwargs.get("data", DataConfig())
-        kwargs["model"] = dataclasses.replace(kwargs.get("model", ModelConfig()), in_channels=data.channels)
+        # The model's input channels follow the latents unless set explicitly.
+        channels = kwargs.get("latent", LatentConfig()).resolved_channels(kwargs.get("data", DataConfig()).channels)
+        kwargs["model"] = dataclasses.replace(kwargs.get("model", ModelConfig()), in_channels=channels)
     return cls(**kwargs)
 
 

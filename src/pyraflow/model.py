@@ -107,6 +107,8 @@ class RunBroadcast:
                 blocks.append([token, token + length, r, r + 1, length])
             token += length
         self.blocks = blocks
+        self.token_sizes = [b[1] - b[0] for b in blocks]
+        self.run_sizes = [b[3] - b[2] for b in blocks]
         self.index = None
         if len(blocks) > self.MAX_BLOCKS:
             lengths = torch.tensor(run_lengths, device=device)
@@ -116,11 +118,18 @@ class RunBroadcast:
         """fn(*tokens, *per_run) evaluated with per-run vectors broadcast to their tokens."""
         if self.index is not None:
             return fn(*tokens, *(v[self.index] for v in per_run))
+        if len(self.blocks) == 1:
+            _, _, r0, r1, length = self.blocks[0]
+            tk = (x.view(r1 - r0, length, x.shape[-1]) for x in tokens)
+            return fn(*tk, *(v.unsqueeze(1) for v in per_run)).flatten(0, 1)
+        # split (not slicing): its backward is one cat instead of a zero-filled copy per piece
+        token_parts = [x.split(self.token_sizes) for x in tokens]
+        run_parts = [v.split(self.run_sizes) for v in per_run]
         out = []
-        for t0, t1, r0, r1, length in self.blocks:
-            tk = (x[t0:t1].view(r1 - r0, length, x.shape[-1]) for x in tokens)
-            out.append(fn(*tk, *(v[r0:r1].unsqueeze(1) for v in per_run)).reshape(t1 - t0, -1))
-        return out[0] if len(out) == 1 else torch.cat(out)
+        for i, (_, _, r0, r1, length) in enumerate(self.blocks):
+            tk = (parts[i].view(r1 - r0, length, parts[i].shape[-1]) for parts in token_parts)
+            out.append(fn(*tk, *(parts[i].unsqueeze(1) for parts in run_parts)).flatten(0, 1))
+        return torch.cat(out)
 
 
 def _modulate(x, shift, scale):

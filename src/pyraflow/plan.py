@@ -43,7 +43,7 @@ def simulate(config: Config, steps: int, world_size: int = 1, progress: bool = F
     k = config.schedule.stages
     mix = build_mix(config.batching.mix, k)
     segment_tokens = config.stage_segment_tokens()
-    batcher = TokenBudgetBatcher(config.batching, segment_tokens, mix, config.data.size, 0, world_size)
+    batcher = TokenBudgetBatcher(config.batching, segment_tokens, mix, config.data.planned_size(), 0, world_size)
     tokens = np.zeros(steps)
     counts = np.zeros((steps, k))
     target = np.zeros((steps, k))

