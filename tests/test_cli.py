@@ -60,7 +60,7 @@ def test_plan_table_and_config_show(capsys):
     [
         (["plan", "--set", "batching.tokn_budget=1"], "Did you mean 'batching.token_budget'"),
         (["plan", "--schedule", "pyramidflow"], "pyramid-flow"),
-        (["plan", "--set", "batching.token_budget=100"], "below one sample"),
+        (["plan", "--set", "batching.token_budget=50"], "below one sample"),
         (["plan", "--set", "batching.mix.ratio=[0.5,0.5]"], "one ratio per stage"),
         (["plan", "--set", "data.num_samples=0"], "needs data"),
         (["config", "show", "--config", "nope.yaml"], "does not exist"),

@@ -263,7 +263,7 @@ def build_mix(config: MixConfig, num_stages: int) -> MixSchedule | AdaptiveMix:
 class BatchingConfig:
     """Token-budget batches with a stage mix."""
 
-    token_budget: int = 4096
+    token_budget: int = 2048
     """Tokens per batch per rank (visual + text, plus the attention term below). Every batch is filled
     close to this and never above it."""
     mix: MixConfig = field(default_factory=MixConfig)

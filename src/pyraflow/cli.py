@@ -87,7 +87,7 @@ def _train(args) -> int:
     from pyraflow.training import TrainingStopped, run_training
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = load_config(args.config or _default_config(), args.overrides)
+    config = load_config(args.config, args.overrides)
     try:
         summary = run_training(config, args.out, resume=args.resume, max_steps=args.max_steps, progress=not args.quiet)
     except TrainingStopped as err:
@@ -100,14 +100,6 @@ def _train(args) -> int:
     return 0
 
 
-def _default_config() -> str | None:
-    """configs/mnist.yaml beside the package when run from a checkout, else the built-in defaults."""
-    from pathlib import Path
-
-    candidate = Path(__file__).resolve().parents[2] / "configs" / "mnist.yaml"
-    return str(candidate) if candidate.is_file() else None
-
-
 def _prepare(args) -> int:
     import logging
 
@@ -116,7 +108,7 @@ def _prepare(args) -> int:
     from pyraflow.text import load_text_encoder
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    config = load_config(args.config or _default_config(), args.overrides)
+    config = load_config(args.config, args.overrides)
     out = args.out or config.data.cache
     if not out:
         raise ValueError("give --out DIR (or set data.cache) for the cache directory.")

@@ -54,7 +54,11 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    import warnings
+
+    with warnings.catch_warnings():  # with fewer samples than feature dims the covariances are singular
+        warnings.simplefilter("ignore")
+        root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
     if not np.isfinite(root).all():
         eps = np.eye(cov_a.shape[0]) * 1e-6
         root = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
@@ -63,38 +67,42 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class DigitClassifier(nn.Module):
-    """Three convolutions and a linear layer: enough to recognise MNIST digits at about 98-99%."""
+    """Three convolutions and a linear layer: recognises about 98% of the held-out digits."""
 
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-            nn.Flatten(), nn.Linear(256, 10),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Dropout(0.3), nn.Linear(128 * 4 * 4, 10),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
-def train_digit_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 6, seed: int = 0) -> DigitClassifier:
-    """images (N, 1, H, W) in [-1, 1]; a few epochs of Adam with light shifts for robustness."""
+def train_digit_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 10, seed: int = 0) -> DigitClassifier:
+    """images (N, 1, 32, 32) in [-1, 1]; Adam with a one-cycle schedule and +-1 pixel shifts (~25 s on 2 cores)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = DigitClassifier()
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batch = 64
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3,
+                                                   total_steps=epochs * ((len(labels) + batch - 1) // batch))
     for _ in range(epochs):
+        model.train()
         order = torch.randperm(len(labels), generator=g)
-        for start in range(0, len(order), 128):
-            idx = order[start : start + 128]
-            x = images[idx]
-            dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=g))
-            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+        for start in range(0, len(order), batch):
+            idx = order[start : start + batch]
+            dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=g))
+            x = torch.roll(images[idx], shifts=(dy, dx), dims=(2, 3))
             loss = F.cross_entropy(model(x), labels[idx])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            schedule.step()
     return model.eval()
 
 

@@ -31,11 +31,11 @@ from pyraflow.packing import Layout, PackedBatch
 class ModelConfig:
     """Shape of the MMDiT. Widths in channels; head_dim = width / num_heads."""
 
-    in_channels: int = 4
-    """Latent channels of the visual input (and output)."""
-    patch_size: int = 2
+    in_channels: int = 1
+    """Latent channels of the visual input (and output); in a run config it follows the latents."""
+    patch_size: int = 4
     width: int = 256
-    depth: int = 4
+    depth: int = 6
     num_heads: int = 4
     mlp_ratio: float = 4.0
     text_dim: int = 384

@@ -82,8 +82,9 @@ def simulate(config: Config, steps: int, world_size: int = 1, progress: bool = F
         "samples_per_step": {"mean": float(samples.mean()), "min": int(samples.min()), "max": int(samples.max())},
         "global_batch": {
             "world_size": world_size,
-            "samples_mean": float(samples.mean() * world_size),
-            "tokens_mean": float(tokens.mean() * world_size),
+            "grad_accum": config.train.grad_accum,
+            "samples_mean": float(samples.mean() * world_size * config.train.grad_accum),
+            "tokens_mean": float(tokens.mean() * world_size * config.train.grad_accum),
         },
         "activation_memory_mb": {
             "bytes_per_element": 2,
@@ -127,7 +128,8 @@ def format_report(report: dict) -> str:
         f"tokens/step: mean {t['mean']:.1f}  cv {100 * t['cv']:.2f}%  min {t['min']}  max {t['max']}",
         f"samples/step: mean {report['samples_per_step']['mean']:.2f}  "
         f"min {report['samples_per_step']['min']}  max {report['samples_per_step']['max']}",
-        f"global batch ({g['world_size']} rank(s)): {g['samples_mean']:.1f} samples, {g['tokens_mean']:.0f} tokens",
+        f"global batch ({g['world_size']} rank(s) x {g['grad_accum']} accumulation): {g['samples_mean']:.1f} samples, "
+        f"{g['tokens_mean']:.0f} tokens per optimizer step",
         f"activation memory (bf16, per rank): mean {a['mean']:.1f} MB, max {a['max']:.1f} MB",
         f"epochs covered: {report['epochs']:.2f}",
     ]

@@ -22,7 +22,7 @@ import torch
 class TextConfig:
     encoder: str = "minilm"
     """``minilm`` (bundled, offline) or a local directory holding a Hugging Face text encoder."""
-    max_tokens: int = 16
+    max_tokens: int = 8
     """Token states per caption after truncation; the batcher budgets this many text tokens per sample."""
 
     def __post_init__(self) -> None:
