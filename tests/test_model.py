@@ -152,3 +152,11 @@ def test_model_refuses_a_batch_packed_for_another_shape():
     batch.text = torch.randn(batch.text.shape[0], TEXT_DIM + 1)
     with pytest.raises(ValueError, match="text tokens are 25 wide; the model expects 24"):
         model(batch)
+
+
+def test_per_token_modulation_baseline_gives_the_same_output():
+    samples = random_samples(13, count=6)
+    broadcast = randomised_model(13)
+    per_token = randomised_model(13, modulation="per-token")
+    with torch.no_grad():
+        torch.testing.assert_close(per_token(packed(samples, per_token)), broadcast(packed(samples, broadcast)))

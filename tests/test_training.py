@@ -145,3 +145,14 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_latest(tmp_path):
         write_checkpoint(tmp_path, 2, crash, keep=3)
     assert (tmp_path / "checkpoints" / "latest").resolve().name == "step-1"
     assert not (tmp_path / "checkpoints" / "step-2").exists()
+
+
+def test_learning_rate_schedule():
+    from pyraflow.training import TrainConfig, lr_factor
+
+    tc = TrainConfig(steps=1000, warmup_steps=100, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert lr_factor(tc, 0) == pytest.approx(0.01) and lr_factor(tc, 99) == pytest.approx(1.0)
+    assert lr_factor(tc, 100) == pytest.approx(1.0)
+    assert lr_factor(tc, 550) == pytest.approx(0.55)  # half way through the decay: (1 + 0.1) / 2
+    assert lr_factor(tc, 1000) == pytest.approx(0.1)
+    assert lr_factor(TrainConfig(lr_schedule="constant"), 5000) == 1.0

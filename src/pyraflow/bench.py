@@ -23,7 +23,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from pyraflow.model import ModelConfig, MultiStageMMDiT
+from pyraflow.model import ModelConfig, MultiStageMMDiT, linear_flops_per_token
 from pyraflow.packing import PackedBatch, Sample, pack
 from pyraflow.training import make_optimizer
 
@@ -31,8 +31,8 @@ STANDARD_STAGES = [(0, 8, 4), (1, 16, 8), (2, 32, 4)]  # (stage, latent side, sa
 
 
 def standard_model_config(**overrides) -> ModelConfig:
-    return ModelConfig(in_channels=4, patch_size=2, width=256, depth=4, num_heads=4, text_dim=384, pooled_dim=384,
-                       **overrides)
+    return ModelConfig(**{**dict(in_channels=4, patch_size=2, width=256, depth=4, num_heads=4, text_dim=384,
+                                 pooled_dim=384), **overrides})
 
 
 def standard_batch(seed: int = 0) -> PackedBatch:
@@ -49,9 +49,9 @@ def standard_batch(seed: int = 0) -> PackedBatch:
 class TrainStep:
     """Forward, MSE loss, backward and AdamW on one packed batch, in fp32 or bf16 autocast."""
 
-    def __init__(self, backend: str, precision: str, device: torch.device, seed: int = 0):
+    def __init__(self, backend: str, precision: str, device: torch.device, seed: int = 0, modulation: str = "broadcast"):
         torch.manual_seed(seed)
-        self.model = MultiStageMMDiT(standard_model_config(attention=backend)).to(device)
+        self.model = MultiStageMMDiT(standard_model_config(attention=backend, modulation=modulation)).to(device)
         self.optimizer = make_optimizer(list(self.model.parameters()), lr=1e-4, weight_decay=0.0)
         self.batch = standard_batch(seed).to(device)
         self.target = torch.randn_like(self.batch.visual)
@@ -81,10 +81,11 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _peak_memory_mb(backend: str, precision: str, device: str, steps: int, threads: int | None) -> float:
+def _peak_memory_mb(backend: str, precision: str, device: str, steps: int, threads: int | None,
+                    modulation: str = "broadcast") -> float:
     if threads:
         torch.set_num_threads(threads)
-    step = TrainStep(backend, precision, torch.device(device))
+    step = TrainStep(backend, precision, torch.device(device), modulation=modulation)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -115,16 +116,35 @@ def machine() -> dict:
     return info
 
 
+VARIANTS = {  # name -> (attention backend, modulation)
+    "grouped": ("grouped", "broadcast"),
+    "reference": ("reference", "broadcast"),
+    "grouped_per_token_modulation": ("grouped", "per-token"),
+}
+
+
+def training_flops(batch: PackedBatch, config: ModelConfig) -> float:
+    """Model FLOPs of one training step (forward x 3): every linear layer of both streams, plus attention
+    scores and values (4 * L^2 * width per segment per block). Embeddings and adaLN are left out."""
+    layout = batch.layout
+    tokens = layout.num_text + layout.num_visual
+    linear = tokens * linear_flops_per_token(config) * config.depth
+    attention = sum(4 * (t + v) ** 2 * config.width for t, v in zip(layout.text_lengths, layout.visual_lengths))
+    return 3 * (linear + attention * config.depth)
+
+
 def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, progress: bool = True,
-              backends: list[str] | None = None) -> dict:
+              variants: list[str] | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if backends is None:
-        backends = ["grouped", "reference"] + (["flex"] if device.type == "cuda" else [])
-    variants = [(b, p) for b in backends for p in ("fp32", "bf16")]
-    runners = {v: TrainStep(*v, device) for v in variants}
-    times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+    table = dict(VARIANTS)
+    if device.type == "cuda":
+        table["flex"] = ("flex", "broadcast")
+    names = variants or list(table)
+    runs = [(n, p) for n in names for p in ("fp32", "bf16")]
+    runners = {(n, p): TrainStep(table[n][0], p, device, modulation=table[n][1]) for n, p in runs}
+    times: dict[tuple[str, str], list[float]] = {v: [] for v in runs}
     for i in tqdm(range(warmup + steps), desc="bench rounds", disable=not progress):
         for v, step in runners.items():  # alternate variants within each round
             if device.type == "cuda":
@@ -135,22 +155,28 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
                 torch.cuda.synchronize()
             if i >= warmup:
                 times[v].append(time.perf_counter() - start)
-    tokens = runners[variants[0]].visual_tokens
+    first = runners[runs[0]]
+    tokens = first.visual_tokens
+    flops = training_flops(first.batch, first.model.config)
     result = {"machine": machine(), "config": {"blocks": 4, "width": 256, "heads": 4, "patch": 2, "channels": 4,
-              "stages": [8, 16, 32], "samples_per_stage": [4, 8, 4], "visual_tokens": tokens, "steps": steps},
-              "backends": {}}
+              "stages": [8, 16, 32], "samples_per_stage": [4, 8, 4], "visual_tokens": tokens,
+              "gflop_per_step": flops / 1e9, "steps": steps}, "backends": {}}
     context = multiprocessing.get_context("spawn")
-    for backend in backends:
-        fastest = min(("fp32", "bf16"), key=lambda p: statistics.median(times[(backend, p)]))
-        ms = 1000 * statistics.median(times[(backend, fastest)])
+    for name in names:
+        fastest = min(("fp32", "bf16"), key=lambda p: statistics.median(times[(name, p)]))
+        ms = 1000 * statistics.median(times[(name, fastest)])
+        backend, modulation = table[name]
         with context.Pool(1) as pool:
-            peak = pool.apply(_peak_memory_mb, (backend, fastest, device.type, 3, threads))
-        result["backends"][backend] = {
+            peak = pool.apply(_peak_memory_mb, (backend, fastest, device.type, 3, threads, modulation))
+        result["backends"][name] = {
             "ms_per_step": ms,
             "visual_tokens_per_s": tokens / (ms / 1000),
             "peak_mem_mb": peak,
             "precision": fastest,
-            "ms_per_step_by_precision": {p: 1000 * statistics.median(times[(backend, p)]) for p in ("fp32", "bf16")},
+            "attention": backend,
+            "modulation": modulation,
+            "achieved_gflops": flops / 1e9 / (ms / 1000),
+            "ms_per_step_by_precision": {p: 1000 * statistics.median(times[(name, p)]) for p in ("fp32", "bf16")},
         }
     return result
 
@@ -158,8 +184,8 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
 def format_bench(result: dict) -> str:
     m = result["machine"]
     lines = [f"{m['cpu']} ({m['cores']} cores, {m['threads']} threads), torch {m['torch']}, {m['date']}",
-             f"{'backend':<10} {'precision':<9} {'ms/step':>8} {'visual tok/s':>12} {'peak MB':>8}"]
+             f"{'variant':<30} {'precision':<9} {'ms/step':>8} {'visual tok/s':>12} {'GFLOP/s':>8} {'peak MB':>8}"]
     for name, r in result["backends"].items():
-        lines.append(f"{name:<10} {r['precision']:<9} {r['ms_per_step']:>8.1f} {r['visual_tokens_per_s']:>12.0f} "
-                     f"{r['peak_mem_mb']:>8.1f}")
+        lines.append(f"{name:<30} {r['precision']:<9} {r['ms_per_step']:>8.1f} {r['visual_tokens_per_s']:>12.0f} "
+                     f"{r['achieved_gflops']:>8.1f} {r['peak_mem_mb']:>8.1f}")
     return "\n".join(lines)

@@ -51,6 +51,9 @@ class ModelConfig:
     """Visual tokens see only their own and earlier frames (and the text); text sees only text."""
     checkpoint_fraction: float = 0.0
     """Fraction of blocks (the first ones) whose activations are recomputed in backward to save memory."""
+    modulation: str = "broadcast"
+    """``broadcast``: adaLN vectors broadcast per segment over groups of equal segments (no per-token copy).
+    ``per-token``: gathered to every token, as the reference does; kept only as a baseline for ``pyraflow bench``."""
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "patch_size", "width", "depth", "num_heads", "text_dim", "pooled_dim"):
@@ -71,6 +74,8 @@ class ModelConfig:
             raise ValueError(f"model.checkpoint_fraction={self.checkpoint_fraction} must be in [0, 1].")
         if self.mlp_ratio <= 0:
             raise ValueError(f"model.mlp_ratio={self.mlp_ratio} must be > 0.")
+        if self.modulation not in ("broadcast", "per-token"):
+            raise ValueError(f"model.modulation={self.modulation!r} must be 'broadcast' or 'per-token'.")
 
     @property
     def head_dim(self) -> int:
@@ -96,7 +101,7 @@ class RunBroadcast:
 
     MAX_BLOCKS = 8
 
-    def __init__(self, run_lengths: list[int], device: torch.device):
+    def __init__(self, run_lengths: list[int], device: torch.device, per_token: bool = False):
         blocks: list[list[int]] = []  # [token_start, token_end, run_start, run_end, length]
         token = 0
         for r, length in enumerate(run_lengths):
@@ -110,7 +115,7 @@ class RunBroadcast:
         self.token_sizes = [b[1] - b[0] for b in blocks]
         self.run_sizes = [b[3] - b[2] for b in blocks]
         self.index = None
-        if len(blocks) > self.MAX_BLOCKS:
+        if per_token or len(blocks) > self.MAX_BLOCKS:
             lengths = torch.tensor(run_lengths, device=device)
             self.index = torch.repeat_interleave(torch.arange(len(run_lengths), device=device), lengths)
 
@@ -147,15 +152,16 @@ def _norm_modulate(x, shift, scale):
 class Context:
     """What every block needs about the batch, computed once per forward."""
 
-    def __init__(self, layout: Layout, plan: AttentionPlan, rope: tuple[torch.Tensor, torch.Tensor], device):
+    def __init__(self, layout: Layout, plan: AttentionPlan, rope: tuple[torch.Tensor, torch.Tensor], device,
+                 per_token: bool = False):
         self.layout = layout
         self.plan = plan
         self.rope = rope  # cos, sin: (Nv, 1, head_dim / 2)
         visual_runs: list[int] = []
         for g in layout.groups:
             visual_runs += [g.visual_length // g.runs_per_segment] * (len(g.segments) * g.runs_per_segment)
-        self.visual = RunBroadcast(visual_runs, device)
-        self.text = RunBroadcast(layout.text_lengths, device)
+        self.visual = RunBroadcast(visual_runs, device, per_token)
+        self.text = RunBroadcast(layout.text_lengths, device, per_token)
 
 
 def rope_tables(positions: torch.Tensor, axes: list[int], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,7 +295,7 @@ class MultiStageMMDiT(nn.Module):
         backend = resolve_backend(cfg.attention, device, dtype)
         plan = build_plan(layout, backend, cfg.temporal_causal, device)
         rope = rope_tables(layout.positions.to(device), cfg.axes(), cfg.rope_theta)
-        return Context(layout, plan, rope, device)
+        return Context(layout, plan, rope, device, per_token=cfg.modulation == "per-token")
 
     def forward(self, batch: PackedBatch, context: Context | None = None) -> torch.Tensor:
         """batch -> velocity tokens (Nv, C * p * p), aligned with batch.visual."""

@@ -36,7 +36,10 @@ class TrainConfig:
     """Optimizer steps in the run."""
     lr: float = 3e-4
     warmup_steps: int = 100
-    """Linear learning-rate warmup from 0; constant afterwards."""
+    """Linear learning-rate warmup from 0."""
+    lr_schedule: str = "cosine"
+    """After warmup: ``constant``, or ``cosine`` decay to lr * min_lr_ratio at train.steps."""
+    min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
@@ -53,7 +56,7 @@ class TrainConfig:
     """Probability of replacing a caption by the null embedding (for classifier-free guidance)."""
     seed: int = 0
     log_every: int = 10
-    sample_every: int = 250
+    sample_every: int = 500
     """Write a sample grid every this many steps (and at the end); 0 disables the intermediate ones."""
     checkpoint_every: int = 250
     keep_checkpoints: int = 3
@@ -77,6 +80,10 @@ class TrainConfig:
             raise ValueError(f"train.ema_decay={self.ema_decay} must be in [0, 1).")
         if not 0 <= self.text_dropout < 1:
             raise ValueError(f"train.text_dropout={self.text_dropout} must be in [0, 1).")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"train.lr_schedule={self.lr_schedule!r} must be constant or cosine.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"train.precision={self.precision!r} must be auto, fp32 or bf16.")
         if self.parallel not in ("ddp", "fsdp"):
@@ -99,6 +106,16 @@ def choose_precision(setting: str, device: torch.device, width: int) -> str:
             x @ y
         timings[name] = time.perf_counter() - start
     return "bf16" if timings["bf16"] * 1.2 < timings["fp32"] else "fp32"
+
+
+def lr_factor(tc: TrainConfig, step: int) -> float:
+    """Learning-rate multiplier at ``step``: linear warmup, then constant or cosine down to min_lr_ratio."""
+    if tc.warmup_steps and step < tc.warmup_steps:
+        return (step + 1) / tc.warmup_steps
+    if tc.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps))
+    return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def make_optimizer(params, lr: float, weight_decay: float, sharded: bool = False) -> torch.optim.AdamW:
@@ -159,9 +176,7 @@ class Trainer:
         self.names = [n for n, _ in self.wrapped.named_parameters()]
         self.ema = [p.detach().clone().float() for p in self.params]
         self.optimizer = make_optimizer(self.params, tc.lr, tc.weight_decay, info.enabled and tc.parallel == "fsdp")
-        warmup = tc.warmup_steps
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(tc, s))
         self.mix = build_mix(config.batching.mix, config.schedule.stages)
         self.batcher = TokenBudgetBatcher(config.batching, self._segment_tokens(), self.mix, len(self.data),
                                           info.rank, info.world_size)
