@@ -98,6 +98,16 @@ def test_two_process_torchrun_on_cpu(tmp_path, parallel):
     assert rows[-1]["step"] == 4
 
 
+def test_gradient_accumulation_takes_one_batch_per_micro_step(tmp_path):
+    from pyraflow.training import Trainer
+
+    trainer = Trainer(tiny("train.grad_accum=3", "train.sample_every=0"), tmp_path / "run", progress=False)
+    metrics = trainer.train_step()
+    assert trainer.step == 1 and trainer.batcher.step == 3
+    assert sum(metrics["samples_stage"]) == trainer.batcher.consumed  # every sample of the 3 batches counted
+    assert metrics["tokens"] > 400  # three budgets' worth of tokens in one optimizer step
+
+
 def test_clear_errors(tmp_path, capsys):
     out = tmp_path / "run"
     run_training(tiny("train.steps=2", "train.checkpoint_every=2", "train.sample_every=0"), out, progress=False)

@@ -37,8 +37,9 @@ class TrainConfig:
     lr: float = 3e-4
     warmup_steps: int = 100
     """Linear learning-rate warmup from 0."""
-    lr_schedule: str = "cosine"
-    """After warmup: ``constant``, or ``cosine`` decay to lr * min_lr_ratio at train.steps."""
+    lr_schedule: str = "constant"
+    """After warmup: ``constant``, or ``cosine`` decay to lr * min_lr_ratio at train.steps (on the MNIST demo
+    cosine measured worse: FID 1062 / 93.5% digit accuracy against 967 / 97.0% for constant)."""
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
