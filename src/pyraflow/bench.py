@@ -5,18 +5,15 @@ The standard bench config (fixed so figures compare across versions): MMDiT with
 valid tokens of width 384, mix 25/50/25 by samples: 16 samples (4 / 8 / 4) = 1,600 visual tokens.
 
 Timing alternates the variants round by round in one process (so drift hits all alike) and reports
-medians. Peak memory is measured in a fresh process per variant: the rise of peak resident memory
-over the resident memory after building model and batch (CPU), or
-torch.cuda.max_memory_allocated (CUDA).
+medians. Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU an exact accounting of
+parameters, gradients, AdamW state and the tensors autograd saves for backward (see accounted_memory_mb).
 """
 
 from __future__ import annotations
 
 import datetime
-import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import time
 
@@ -62,10 +59,13 @@ class TrainStep:
     def _dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
-    def __call__(self) -> float:
+    def forward_loss(self) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             out = self.model(self.batch, self.context)
-        loss = torch.nn.functional.mse_loss(out.float(), self.target)
+        return torch.nn.functional.mse_loss(out.float(), self.target)
+
+    def __call__(self) -> float:
+        loss = self.forward_loss()
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -76,30 +76,37 @@ class TrainStep:
         return self.batch.visual.shape[0]
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def accounted_memory_mb(step: TrainStep) -> float:
+    """Memory of one training step by accounting: parameters, their gradients and AdamW's two moments
+    (4 x parameter bytes) plus every tensor autograd saves for backward (unique storages, parameters
+    excluded), which is what is held at the peak between forward and backward. Transient buffers
+    (e.g. inside SDPA) are not counted, so this is a lower bound; it is exact and repeatable, unlike
+    resident-set sizes, which on CPU mostly reflect the allocator."""
+    params = {p.untyped_storage().data_ptr() for p in step.model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = step.forward_loss()
+    loss.backward()
+    step.optimizer.zero_grad(set_to_none=True)
+    static = 4 * sum(p.numel() * p.element_size() for p in step.model.parameters())
+    return (static + sum(saved.values())) / 2**20
 
 
-def _peak_memory_mb(backend: str, precision: str, device: str, steps: int, threads: int | None,
-                    modulation: str = "broadcast") -> float:
-    if threads:
-        torch.set_num_threads(threads)
-    step = TrainStep(backend, precision, torch.device(device), modulation=modulation)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        for _ in range(steps):
-            step()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    # ru_maxrss is the process's lifetime peak, hence a fresh process per variant; the baseline is taken
-    # after model and batch exist, so the figure covers activations, gradients and optimizer state.
-    base = _rss_bytes()
+def cuda_peak_memory_mb(step: TrainStep, steps: int = 3) -> float:
+    """Measured on CUDA: the peak of allocated memory over a few steps, above what the model holds."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return max(peak - base, 0) / 2**20
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def machine() -> dict:
@@ -161,17 +168,17 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
     result = {"machine": machine(), "config": {"blocks": 4, "width": 256, "heads": 4, "patch": 2, "channels": 4,
               "stages": [8, 16, 32], "samples_per_stage": [4, 8, 4], "visual_tokens": tokens,
               "gflop_per_step": flops / 1e9, "steps": steps}, "backends": {}}
-    context = multiprocessing.get_context("spawn")
     for name in names:
         fastest = min(("fp32", "bf16"), key=lambda p: statistics.median(times[(name, p)]))
         ms = 1000 * statistics.median(times[(name, fastest)])
         backend, modulation = table[name]
-        with context.Pool(1) as pool:
-            peak = pool.apply(_peak_memory_mb, (backend, fastest, device.type, 3, threads, modulation))
+        runner = runners[(name, fastest)]
+        peak = cuda_peak_memory_mb(runner) if device.type == "cuda" else accounted_memory_mb(runner)
         result["backends"][name] = {
             "ms_per_step": ms,
             "visual_tokens_per_s": tokens / (ms / 1000),
             "peak_mem_mb": peak,
+            "peak_mem_method": "cuda max_memory_allocated" if device.type == "cuda" else "accounted (params, grads, AdamW, saved activations)",
             "precision": fastest,
             "attention": backend,
             "modulation": modulation,
