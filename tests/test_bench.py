@@ -28,3 +28,5 @@ def test_bench_json_has_every_variant(capsys):
         entry = result["backends"][name]
         assert {"ms_per_step", "visual_tokens_per_s", "peak_mem_mb", "precision"} <= set(entry)
     assert result["machine"]["cores"] >= 1
+    assert {"fp32_peak_gflops", "bf16_peak_gflops", "fraction_of_fp32_peak"} <= set(result["mfu"])
+    assert {"pyramid_s", "flat_s", "ratio", "pyramid_stage_s"} <= set(result["sampling"])

@@ -140,6 +140,47 @@ def training_flops(batch: PackedBatch, config: ModelConfig) -> float:
     return 3 * (linear + attention * config.depth)
 
 
+def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """Best observed GFLOP/s of a square matmul: the machine's practical peak for that precision."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def sampling_comparison(device: torch.device, images: int = 32, total_steps: int = 30) -> dict:
+    """Wall time of 3-stage pyramidal sampling against flat full-resolution flow sampling with the same
+    total number of Euler steps and the same model (standard config, 32x32 latents, guidance on)."""
+    from pyraflow.sampling import sample_pyramid
+    from pyraflow.schedule import PyramidSchedule, ScheduleConfig
+    from pyraflow.text import TextEmbedding
+
+    torch.manual_seed(0)
+    model = MultiStageMMDiT(standard_model_config(attention="auto")).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    text = TextEmbedding(torch.randn(images, 24, 384, generator=g), torch.full((images,), 24), torch.randn(images, 384, generator=g))
+    null = TextEmbedding(torch.zeros(1, 2, 384), torch.tensor([2]), torch.zeros(1, 384))
+    result = {"images": images, "total_steps": total_steps, "latent": [4, 1, 32, 32]}
+    for name, stages in (("pyramid", 3), ("flat", 1)):
+        schedule = PyramidSchedule(ScheduleConfig(stages=stages))
+        steps = [total_steps // stages] * stages
+        start = time.perf_counter()
+        _, per_stage = sample_pyramid(model, schedule, text, null, (4, 1, 32, 32), steps, 3.0,
+                                      torch.Generator().manual_seed(1), device)
+        result[f"{name}_s"] = time.perf_counter() - start
+        result[f"{name}_stage_s"] = per_stage
+    result["ratio"] = result["flat_s"] / result["pyramid_s"]
+    return result
+
+
 def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, progress: bool = True,
               variants: list[str] | None = None) -> dict:
     if threads:
@@ -185,6 +226,16 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
             "achieved_gflops": flops / 1e9 / (ms / 1000),
             "ms_per_step_by_precision": {p: 1000 * statistics.median(times[(name, p)]) for p in ("fp32", "bf16")},
         }
+    peaks = {p: matmul_peak_gflops(dtype, device) for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    best = result["backends"][names[0]]
+    result["mfu"] = {
+        "fp32_peak_gflops": peaks["fp32"],
+        "bf16_peak_gflops": peaks["bf16"],
+        "variant": names[0],
+        "fraction_of_fp32_peak": flops / 1e9 / (best["ms_per_step_by_precision"]["fp32"] / 1000) / peaks["fp32"],
+        "fraction_of_bf16_peak": flops / 1e9 / (best["ms_per_step_by_precision"]["bf16"] / 1000) / peaks["bf16"],
+    }
+    result["sampling"] = sampling_comparison(device)
     return result
 
 
@@ -195,4 +246,11 @@ def format_bench(result: dict) -> str:
     for name, r in result["backends"].items():
         lines.append(f"{name:<30} {r['precision']:<9} {r['ms_per_step']:>8.1f} {r['visual_tokens_per_s']:>12.0f} "
                      f"{r['achieved_gflops']:>8.1f} {r['peak_mem_mb']:>8.1f}")
+    m, sp = result["mfu"], result["sampling"]
+    lines.append(f"matmul peak: fp32 {m['fp32_peak_gflops']:.0f} GFLOP/s, bf16 {m['bf16_peak_gflops']:.0f}; "
+                 f"{m['variant']} reaches {100 * m['fraction_of_fp32_peak']:.0f}% of fp32 peak, "
+                 f"{100 * m['fraction_of_bf16_peak']:.0f}% of bf16 peak")
+    lines.append(f"sampling {sp['images']} images, {sp['total_steps']} steps: pyramid {sp['pyramid_s']:.2f} s "
+                 f"(per stage {', '.join(f'{t:.2f}' for t in sp['pyramid_stage_s'])}), flat {sp['flat_s']:.2f} s, "
+                 f"{sp['ratio']:.2f}x faster")
     return "\n".join(lines)
