@@ -98,3 +98,17 @@ def test_causal_mask_blocks_later_frames(backend):
         a = run(q, k, v, layout, plan)[earlier]
         b = run(q, k2, v2, layout, plan)[earlier]
         assert torch.equal(a, b) == unchanged
+
+
+def test_row_plan_of_the_reference_layout_equals_per_segment_attention():
+    from pyraflow.attention import build_row_plan
+    from pyraflow.packing import Sample
+
+    g = torch.Generator().manual_seed(7)
+    samples = [Sample(stage, torch.randn(3, 1, side, side, generator=g), torch.randn(5, 24, generator=g),
+                      torch.randn(12, generator=g), 100.0)
+               for _ in range(2) for stage, side in ((0, 4), (1, 8), (1, 8), (2, 16))]
+    layout = pack(samples, num_stages=3).layout  # packed: stage 0 (0, 1), stage 1 (2-5), stage 2 (6, 7)
+    plan = build_row_plan(layout, [[0, 2, 3, 6], [1, 4, 5, 7]], torch.device("cpu"))
+    q, k, v = qkv(layout, 7)
+    torch.testing.assert_close(run(q, k, v, layout, plan), per_segment(q, k, v, layout, False), rtol=1e-5, atol=1e-6)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pyraflow.bench import standard_batch, training_flops, standard_model_config
+from pyraflow.bench import TrainStep, VARIANTS, standard_batch, standard_model_config, training_flops
 from pyraflow.cli import main
 
 
@@ -24,9 +24,21 @@ def test_standard_batch_is_the_documented_one():
 def test_bench_json_has_every_variant(capsys):
     assert main(["bench", "--json", "--steps", "1", "--warmup", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
-    for name in ("grouped", "reference", "grouped_per_token_modulation"):
-        entry = result["backends"][name]
-        assert {"ms_per_step", "visual_tokens_per_s", "peak_mem_mb", "precision"} <= set(entry)
+    for name in ("grouped", "reference"):
+        assert {"ms_per_step", "visual_tokens_per_s", "peak_mem_mb", "precision"} <= set(result["backends"][name])
+    for name in ("pyraflow", "reference_columns", "padded", "per_stage"):
+        assert {"ms_per_step", "visual_tokens_per_s", "peak_mem_mb", "precision"} <= set(result["throughput"][name])
     assert result["machine"]["cores"] >= 1
     assert {"fp32_peak_gflops", "bf16_peak_gflops", "fraction_of_fp32_peak"} <= set(result["mfu"])
     assert {"pyramid_s", "flat_s", "ratio", "pyramid_stage_s"} <= set(result["sampling"])
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_layout_carries_the_same_samples(variant):
+    import torch
+
+    step = TrainStep(variant, "fp32", torch.device("cpu"))
+    real = sum(min(b.layout.visual_lengths[i], 256) for b in step.batches for i in range(b.layout.num_segments))
+    assert sum(b.layout.num_segments for b in step.batches) == 16
+    assert real == 1600 or variant == "padded"  # padded carries 16 x 256 visual tokens for the same 16 samples
+    assert step() > 0

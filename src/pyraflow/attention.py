@@ -66,6 +66,7 @@ class AttentionPlan:
     visual_sizes: list[int] = field(default_factory=list)  # grouped: visual tokens per group
     block_mask: object | None = None  # flex
     flash: dict | None = None  # flash: cu_seqlens and, for causal, the query-chunk/key-prefix layout
+    rows: int | None = None  # reference over equal-length rows: joint order is (rows x row length)
 
 
 def _joint_order(layout: Layout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,6 +129,33 @@ class GroupSlices:
     @property
     def padded(self) -> bool:
         return min(self.text_lengths) != self.text_max
+
+
+def build_row_plan(layout: Layout, rows: list[list[int]], device: torch.device) -> AttentionPlan:
+    """The reference implementation's layout, for comparison: segments are arranged in rows (e.g. one
+    low, two mid, one high stage per row), rows of equal length are batched, and each row gets one
+    dense block-diagonal mask. rows: packed segment indices per row."""
+    nt = layout.num_text
+    pieces, segment_of = [], []
+    for row in rows:
+        for b in row:
+            t0, t1 = layout.text_offsets[b], layout.text_offsets[b + 1]
+            v0, v1 = layout.visual_offsets[b], layout.visual_offsets[b + 1]
+            pieces += [torch.arange(t0, t1), torch.arange(nt + v0, nt + v1)]
+            segment_of.append(torch.full((t1 - t0 + v1 - v0,), b))
+    joint = torch.cat(pieces).to(device)
+    n = layout.num_text + layout.num_visual
+    if joint.numel() != n or joint.numel() % len(rows):
+        raise ValueError("rows must cover every segment once and have equal token counts.")
+    length = n // len(rows)
+    segment = torch.cat(segment_of)[:length]
+    plan = AttentionPlan(backend="reference", causal=False, num_tokens=n, rows=len(rows))
+    plan.joint = joint
+    plan.joint_inverse = torch.empty_like(joint)
+    plan.joint_inverse[joint] = torch.arange(n, device=device)
+    # the first row's block structure; rows were asked to be alike ([1, 2, 1] columns of equal lengths)
+    plan.dense_mask = (segment[:, None] == segment[None, :]).to(device)
+    return plan
 
 
 def _build_grouped(plan: AttentionPlan, layout: Layout, device: torch.device) -> None:
@@ -251,7 +279,11 @@ def attend(
         return _grouped(text, visual, plan)
     nt = text[0].shape[0]
     qj, kj, vj = (torch.cat([t, v])[plan.joint] for t, v in zip(text, visual))  # joint order
-    if plan.backend == "reference":
+    if plan.backend == "reference" and plan.rows:
+        heads, dim = qj.shape[1:]
+        q, k, v = (x.view(plan.rows, -1, heads, dim).transpose(1, 2) for x in (qj, kj, vj))  # (R, H, L, Dh)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.dense_mask).transpose(1, 2).reshape(-1, heads, dim)
+    elif plan.backend == "reference":
         o = F.scaled_dot_product_attention(
             qj.transpose(0, 1).unsqueeze(0), kj.transpose(0, 1).unsqueeze(0), vj.transpose(0, 1).unsqueeze(0),
             attn_mask=plan.dense_mask,

@@ -20,11 +20,13 @@ import time
 import torch
 from tqdm import tqdm
 
+from pyraflow.attention import build_row_plan
 from pyraflow.model import ModelConfig, MultiStageMMDiT, linear_flops_per_token
 from pyraflow.packing import PackedBatch, Sample, pack
 from pyraflow.training import make_optimizer
 
 STANDARD_STAGES = [(0, 8, 4), (1, 16, 8), (2, 32, 4)]  # (stage, latent side, samples)
+MAX_TEXT = 32
 
 
 def standard_model_config(**overrides) -> ModelConfig:
@@ -32,56 +34,99 @@ def standard_model_config(**overrides) -> ModelConfig:
                                  pooled_dim=384), **overrides})
 
 
-def standard_batch(seed: int = 0) -> PackedBatch:
+def standard_samples(seed: int = 0, pad_text: bool = False, all_at_longest: bool = False) -> list[Sample]:
+    """The standard batch's 16 samples. pad_text: text padded to 32 tokens (as a fixed-length encoder
+    would give); all_at_longest: every sample at the longest stage's size (padding's cost)."""
     g = torch.Generator().manual_seed(seed)
     samples = []
     for stage, side, count in STANDARD_STAGES:
         for _ in range(count):
-            length = int(torch.randint(16, 33, (1,), generator=g))
-            samples.append(Sample(stage, torch.randn(4, 1, side, side, generator=g), torch.randn(length, 384, generator=g),
-                                  torch.randn(384, generator=g), float(torch.rand((), generator=g) * 1000)))
-    return pack(samples, num_stages=3, patch_size=2, channels=4, text_dim=384, pooled_dim=384)
+            length = int(torch.randint(16, MAX_TEXT + 1, (1,), generator=g))
+            text = torch.randn(length, 384, generator=g)
+            if pad_text or all_at_longest:
+                text = torch.cat([text, torch.zeros(MAX_TEXT - length, 384)])
+            latent = torch.randn(4, 1, side, side, generator=g)
+            if all_at_longest:
+                latent, stage = torch.nn.functional.pad(latent, (0, 32 - side, 0, 32 - side)), 2
+            samples.append(Sample(stage, latent, text, torch.randn(384, generator=g), float(torch.rand((), generator=g) * 1000)))
+    return samples
+
+
+def standard_batch(seed: int = 0, **kw) -> PackedBatch:
+    return pack(standard_samples(seed, **kw), num_stages=3, patch_size=2, channels=4, text_dim=384, pooled_dim=384)
+
+
+VARIANTS = {  # name -> (layout, attention backend, modulation)
+    "grouped": ("packed", "grouped", "broadcast"),
+    "reference": ("packed", "reference", "broadcast"),
+    "grouped_per_token_modulation": ("packed", "grouped", "per-token"),
+    "reference_columns": ("rows", "reference", "per-token"),
+    "padded": ("padded", "grouped", "broadcast"),
+    "per_stage": ("per_stage", "grouped", "broadcast"),
+}
+BACKEND_VARIANTS = ("grouped", "reference", "grouped_per_token_modulation")
+THROUGHPUT_VARIANTS = {"pyraflow": "grouped", "reference_columns": "reference_columns", "padded": "padded",
+                       "per_stage": "per_stage"}
+VISUAL_TOKENS = sum(count * (side // 2) ** 2 for _, side, count in STANDARD_STAGES)  # 1,600 real visual tokens
 
 
 class TrainStep:
-    """Forward, MSE loss, backward and AdamW on one packed batch, in fp32 or bf16 autocast."""
+    """Forward, MSE loss, backward and AdamW on the standard batch in one of the layouts:
 
-    def __init__(self, backend: str, precision: str, device: torch.device, seed: int = 0, modulation: str = "broadcast"):
+    packed     pyraflow's: all 16 samples in one packed sequence.
+    rows       the reference's: rows of [1, 2, 1] integer columns (one low, two mid, one high segment),
+               text padded to a fixed 32 tokens, rows batched with one dense block-diagonal mask each.
+    padded     every segment padded to the longest stage (32x32 latent, 32 text tokens), batched.
+    per_stage  one forward/backward per stage (as a bucketed trainer would), one optimizer step.
+    """
+
+    def __init__(self, variant: str, precision: str, device: torch.device, seed: int = 0):
+        layout, backend, modulation = VARIANTS[variant]
         torch.manual_seed(seed)
         self.model = MultiStageMMDiT(standard_model_config(attention=backend, modulation=modulation)).to(device)
         self.optimizer = make_optimizer(list(self.model.parameters()), lr=1e-4, weight_decay=0.0)
-        self.batch = standard_batch(seed).to(device)
-        self.target = torch.randn_like(self.batch.visual)
-        self.device = device
-        self.precision = precision
-        self.context = self.model.prepare(self.batch.layout, device, self._dtype())
+        self.device, self.precision = device, precision
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        if layout == "per_stage":
+            samples = standard_samples(seed)
+            batches = [pack([s for s in samples if s.stage == k], 3, 2, 4, 384, 384) for k in range(3)]
+        else:
+            batches = [standard_batch(seed, pad_text=layout == "rows", all_at_longest=layout == "padded")]
+        self.batches = [b.to(device) for b in batches]
+        self.contexts = [self.model.prepare(b.layout, device, dtype) for b in self.batches]
+        if layout == "rows":  # packed order puts stage 0 first (0-3), then stage 1 (4-11), then stage 2 (12-15)
+            rows = [[i, 4 + 2 * i, 5 + 2 * i, 12 + i] for i in range(4)]
+            self.contexts[0].plan = build_row_plan(self.batches[0].layout, rows, device)
+        self.targets = [torch.randn_like(b.visual) for b in self.batches]
 
-    def _dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.precision == "bf16" else torch.float32
-
-    def forward_loss(self) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            out = self.model(self.batch, self.context)
-        return torch.nn.functional.mse_loss(out.float(), self.target)
+    def losses(self):
+        """One loss per forward pass (one for every layout but per_stage)."""
+        for batch, context, target in zip(self.batches, self.contexts, self.targets):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                out = self.model(batch, context)
+            yield torch.nn.functional.mse_loss(out.float(), target)
 
     def __call__(self) -> float:
-        loss = self.forward_loss()
-        loss.backward()
+        total = 0.0
+        for loss in self.losses():
+            loss.backward()
+            total += loss.item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return total
 
     @property
-    def visual_tokens(self) -> int:
-        return self.batch.visual.shape[0]
+    def batch(self) -> PackedBatch:
+        return self.batches[0]
 
 
 def accounted_memory_mb(step: TrainStep) -> float:
     """Memory of one training step by accounting: parameters, their gradients and AdamW's two moments
     (4 x parameter bytes) plus every tensor autograd saves for backward (unique storages, parameters
-    excluded), which is what is held at the peak between forward and backward. Transient buffers
-    (e.g. inside SDPA) are not counted, so this is a lower bound; it is exact and repeatable, unlike
-    resident-set sizes, which on CPU mostly reflect the allocator."""
+    excluded; for per-stage steps the largest pass, since each backward frees its graph). That is what
+    is held at the peak between forward and backward. Transient buffers (e.g. inside SDPA) are not
+    counted, so this is a lower bound; it is exact and repeatable, unlike resident-set sizes, which on
+    CPU mostly reflect the allocator."""
     params = {p.untyped_storage().data_ptr() for p in step.model.parameters()}
     saved: dict[int, int] = {}
 
@@ -91,12 +136,19 @@ def accounted_memory_mb(step: TrainStep) -> float:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        loss = step.forward_loss()
-    loss.backward()
+    largest = 0
+    passes = step.losses()
+    while True:
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            loss = next(passes, None)  # the forward runs here, inside the hook
+        if loss is None:
+            break
+        largest = max(largest, sum(saved.values()))
+        loss.backward()
     step.optimizer.zero_grad(set_to_none=True)
     static = 4 * sum(p.numel() * p.element_size() for p in step.model.parameters())
-    return (static + sum(saved.values())) / 2**20
+    return (static + largest) / 2**20
 
 
 def cuda_peak_memory_mb(step: TrainStep, steps: int = 3) -> float:
@@ -121,13 +173,6 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
-
-
-VARIANTS = {  # name -> (attention backend, modulation)
-    "grouped": ("grouped", "broadcast"),
-    "reference": ("reference", "broadcast"),
-    "grouped_per_token_modulation": ("grouped", "per-token"),
-}
 
 
 def training_flops(batch: PackedBatch, config: ModelConfig) -> float:
@@ -186,12 +231,9 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    table = dict(VARIANTS)
-    if device.type == "cuda":
-        table["flex"] = ("flex", "broadcast")
-    names = variants or list(table)
+    names = variants or list(VARIANTS)
     runs = [(n, p) for n in names for p in ("fp32", "bf16")]
-    runners = {(n, p): TrainStep(table[n][0], p, device, modulation=table[n][1]) for n, p in runs}
+    runners = {(n, p): TrainStep(n, p, device) for n, p in runs}
     times: dict[tuple[str, str], list[float]] = {v: [] for v in runs}
     for i in tqdm(range(warmup + steps), desc="bench rounds", disable=not progress):
         for v, step in runners.items():  # alternate variants within each round
@@ -203,38 +245,48 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
                 torch.cuda.synchronize()
             if i >= warmup:
                 times[v].append(time.perf_counter() - start)
-    first = runners[runs[0]]
-    tokens = first.visual_tokens
-    flops = training_flops(first.batch, first.model.config)
+    flops = training_flops(standard_batch(), standard_model_config())
     result = {"machine": machine(), "config": {"blocks": 4, "width": 256, "heads": 4, "patch": 2, "channels": 4,
-              "stages": [8, 16, 32], "samples_per_stage": [4, 8, 4], "visual_tokens": tokens,
-              "gflop_per_step": flops / 1e9, "steps": steps}, "backends": {}}
+              "stages": [8, 16, 32], "samples_per_stage": [4, 8, 4], "visual_tokens": VISUAL_TOKENS,
+              "gflop_per_step": flops / 1e9, "steps": steps}, "variants": {}}
     for name in names:
         fastest = min(("fp32", "bf16"), key=lambda p: statistics.median(times[(name, p)]))
         ms = 1000 * statistics.median(times[(name, fastest)])
-        backend, modulation = table[name]
+        layout, backend, modulation = VARIANTS[name]
         runner = runners[(name, fastest)]
         peak = cuda_peak_memory_mb(runner) if device.type == "cuda" else accounted_memory_mb(runner)
-        result["backends"][name] = {
+        result["variants"][name] = {
             "ms_per_step": ms,
-            "visual_tokens_per_s": tokens / (ms / 1000),
+            "visual_tokens_per_s": VISUAL_TOKENS / (ms / 1000),
             "peak_mem_mb": peak,
-            "peak_mem_method": "cuda max_memory_allocated" if device.type == "cuda" else "accounted (params, grads, AdamW, saved activations)",
+            "peak_mem_method": "cuda max_memory_allocated" if device.type == "cuda"
+            else "accounted (params, grads, AdamW, saved activations)",
             "precision": fastest,
+            "layout": layout,
             "attention": backend,
             "modulation": modulation,
-            "achieved_gflops": flops / 1e9 / (ms / 1000),
+            "model_gflops": flops / 1e9 / (ms / 1000),
             "ms_per_step_by_precision": {p: 1000 * statistics.median(times[(name, p)]) for p in ("fp32", "bf16")},
         }
+    variants_out = result["variants"]
+    result["backends"] = {n: variants_out[n] for n in BACKEND_VARIANTS if n in variants_out}
+    base = variants_out.get("grouped")
+    result["throughput"] = {}
+    for label, name in THROUGHPUT_VARIANTS.items():
+        if name in variants_out:
+            entry = dict(variants_out[name])
+            if base:
+                entry["pyraflow_speedup"] = base["visual_tokens_per_s"] and base["visual_tokens_per_s"] / entry["visual_tokens_per_s"]
+            result["throughput"][label] = entry
     peaks = {p: matmul_peak_gflops(dtype, device) for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    best = result["backends"][names[0]]
-    result["mfu"] = {
-        "fp32_peak_gflops": peaks["fp32"],
-        "bf16_peak_gflops": peaks["bf16"],
-        "variant": names[0],
-        "fraction_of_fp32_peak": flops / 1e9 / (best["ms_per_step_by_precision"]["fp32"] / 1000) / peaks["fp32"],
-        "fraction_of_bf16_peak": flops / 1e9 / (best["ms_per_step_by_precision"]["bf16"] / 1000) / peaks["bf16"],
-    }
+    if base:
+        result["mfu"] = {
+            "fp32_peak_gflops": peaks["fp32"],
+            "bf16_peak_gflops": peaks["bf16"],
+            "variant": "grouped",
+            "fraction_of_fp32_peak": flops / 1e9 / (base["ms_per_step_by_precision"]["fp32"] / 1000) / peaks["fp32"],
+            "fraction_of_bf16_peak": flops / 1e9 / (base["ms_per_step_by_precision"]["bf16"] / 1000) / peaks["bf16"],
+        }
     result["sampling"] = sampling_comparison(device)
     return result
 
@@ -242,14 +294,15 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
 def format_bench(result: dict) -> str:
     m = result["machine"]
     lines = [f"{m['cpu']} ({m['cores']} cores, {m['threads']} threads), torch {m['torch']}, {m['date']}",
-             f"{'variant':<30} {'precision':<9} {'ms/step':>8} {'visual tok/s':>12} {'GFLOP/s':>8} {'peak MB':>8}"]
-    for name, r in result["backends"].items():
+             f"{'variant':<30} {'precision':<9} {'ms/step':>8} {'visual tok/s':>12} {'GFLOP/s':>8} {'memory MB':>9}"]
+    for name, r in result["variants"].items():
         lines.append(f"{name:<30} {r['precision']:<9} {r['ms_per_step']:>8.1f} {r['visual_tokens_per_s']:>12.0f} "
-                     f"{r['achieved_gflops']:>8.1f} {r['peak_mem_mb']:>8.1f}")
-    m, sp = result["mfu"], result["sampling"]
-    lines.append(f"matmul peak: fp32 {m['fp32_peak_gflops']:.0f} GFLOP/s, bf16 {m['bf16_peak_gflops']:.0f}; "
-                 f"{m['variant']} reaches {100 * m['fraction_of_fp32_peak']:.0f}% of fp32 peak, "
-                 f"{100 * m['fraction_of_bf16_peak']:.0f}% of bf16 peak")
+                     f"{r['model_gflops']:>8.1f} {r['peak_mem_mb']:>9.1f}")
+    if "mfu" in result:
+        mfu = result["mfu"]
+        lines.append(f"matmul peak: fp32 {mfu['fp32_peak_gflops']:.0f} GFLOP/s, bf16 {mfu['bf16_peak_gflops']:.0f}; grouped "
+                     f"reaches {100 * mfu['fraction_of_fp32_peak']:.0f}% of fp32 peak, {100 * mfu['fraction_of_bf16_peak']:.0f}% of bf16 peak")
+    sp = result["sampling"]
     lines.append(f"sampling {sp['images']} images, {sp['total_steps']} steps: pyramid {sp['pyramid_s']:.2f} s "
                  f"(per stage {', '.join(f'{t:.2f}' for t in sp['pyramid_stage_s'])}), flat {sp['flat_s']:.2f} s, "
                  f"{sp['ratio']:.2f}x faster")
