@@ -128,3 +128,11 @@ def test_bad_data_configs():
         DataConfig(dataset="cifar")
     with pytest.raises(ValueError, match="channels"):
         DataConfig(channels=2)
+
+
+def test_planned_size_counts_clips_and_images(tmp_path):
+    folder = make_images(tmp_path / "images", n=3)
+    assert DataConfig(dataset="image-folder", path=str(folder)).planned_size() == 3
+    assert DataConfig(dataset="image-folder", path=str(folder), num_samples=10).planned_size() == 10
+    clips = DataConfig(dataset="clips", image_size=8, channels=3, resize="crop", frames=8, frame_stride=4)
+    assert clips.planned_size() == 132 // 32 + 250 // 32 + 120 // 32  # non-overlapping clips of 32 frames

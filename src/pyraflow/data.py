@@ -84,7 +84,10 @@ class DataConfig:
             return self.num_samples
         if self.dataset == "mnist":
             return MNIST_SIZES["train"]
-        return len(build_dataset(self))
+        dataset = build_dataset(self)
+        if isinstance(dataset, VideoClips):  # clips per video are only known once it is decoded
+            return sum(1 for _ in dataset.clips())
+        return len(dataset)
 
 
 @dataclass
