@@ -77,9 +77,11 @@ class TextEncoder:
         hf_config = AutoConfig.from_pretrained(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         kind = hf_config.model_type
+        text_config = getattr(hf_config, "text_config", None) or hf_config  # a full CLIP keeps its text part here
         if kind == "t5":
             from transformers import T5EncoderModel as Model
-        elif kind == "clip":
+        elif kind in ("clip", "clip_text_model"):
+            kind = "clip"
             from transformers import CLIPTextModel as Model
         else:
             from transformers import AutoModel as Model
@@ -87,10 +89,9 @@ class TextEncoder:
         self.model.requires_grad_(False)
         self.kind = kind
         self.device = torch.device(device)
-        self.identity = f"{config.encoder}:{kind}:{hf_config.hidden_size}:{config.max_tokens}"
-        self.width = hf_config.hidden_size
-        self.pooled_width = getattr(hf_config, "projection_dim", None) if kind == "clip" else hf_config.hidden_size
-        self.pooled_width = self.pooled_width or hf_config.hidden_size
+        self.width = text_config.hidden_size if kind != "t5" else hf_config.d_model
+        self.pooled_width = self.width  # CLIP's pooler_output and the masked mean are both this wide
+        self.identity = f"{config.encoder}:{kind}:{self.width}:{config.max_tokens}"
 
     @torch.no_grad()
     def encode(self, captions: list[str], batch_size: int = 256) -> TextEmbedding:
