@@ -31,6 +31,7 @@ def test_bench_json_has_every_variant(capsys):
     assert result["machine"]["cores"] >= 1
     assert {"fp32_peak_gflops", "bf16_peak_gflops", "fraction_of_fp32_peak"} <= set(result["mfu"])
     assert {"pyramid_s", "flat_s", "ratio", "pyramid_stage_s"} <= set(result["sampling"])
+    assert {"tokens_cv", "peak_mem_range_frac", "fixed_batch"} <= set(result["stability"])
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -42,3 +43,11 @@ def test_every_layout_carries_the_same_samples(variant):
     assert sum(b.layout.num_segments for b in step.batches) == 16
     assert real == 1600 or variant == "padded"  # padded carries 16 x 256 visual tokens for the same 16 samples
     assert step() > 0
+
+
+def test_stability_separates_token_budgets_from_fixed_batches():
+    from pyraflow.bench import stability
+
+    result = stability(steps=120)
+    assert result["tokens_cv"] < 0.02 and result["peak_mem_range_frac"] < 0.1
+    assert result["fixed_batch"]["tokens_cv"] > 2 * result["tokens_cv"]

@@ -226,6 +226,68 @@ def sampling_comparison(device: torch.device, images: int = 32, total_steps: int
     return result
 
 
+def _saved_bytes(model: MultiStageMMDiT, batch: PackedBatch) -> int:
+    """Bytes autograd saves for backward in one forward of ``batch`` (unique storages, parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(batch).sum()
+    return sum(saved.values())
+
+
+def stability(steps: int = 300, text_tokens: int = 24) -> dict:
+    """Tokens and memory per step over ``steps`` steps while the stage mix moves mid-run (linear from
+    50/30/20 at step 100 to 25/50/25 at step 200), for token-budget batches against a fixed 16 samples
+    per batch (the reference's way). Memory per step is accounted exactly (parameters, gradients, AdamW
+    state, saved activations) for the standard model; it depends only on the per-stage counts, so each
+    distinct count vector is measured once."""
+    from pyraflow.batching import BatchingConfig, MixConfig, TokenBudgetBatcher, build_mix
+
+    points = [{"step": 100, "ratio": [0.5, 0.3, 0.2]}, {"step": 200, "ratio": "25-50-25"}]
+    segment = [(side // 2) ** 2 + text_tokens for _, side, _ in STANDARD_STAGES]
+    torch.manual_seed(0)
+    model = MultiStageMMDiT(standard_model_config())
+    static = 4 * sum(p.numel() * p.element_size() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    memo: dict[tuple[int, ...], float] = {}
+
+    def memory(counts: list[int]) -> float:
+        key = tuple(counts)
+        if key not in memo:
+            samples = [Sample(stage, torch.randn(4, 1, side, side, generator=g), torch.randn(text_tokens, 384, generator=g),
+                              torch.randn(384, generator=g), 500.0)
+                       for (stage, side, _), n in zip(STANDARD_STAGES, counts) for _ in range(n)]
+            memo[key] = (static + _saved_bytes(model, pack(samples, 3, 2, 4, 384, 384))) / 2**20
+        return memo[key]
+
+    def run(config: BatchingConfig) -> dict:
+        mix = MixConfig(kind="linear", points=points)
+        batcher = TokenBudgetBatcher(config, segment, build_mix(mix, 3), 100_000)
+        tokens, mem = [], []
+        for _ in range(steps):
+            batch = batcher.next_batch()
+            tokens.append(batch.tokens)
+            mem.append(memory(batch.counts))
+        t = torch.tensor(tokens, dtype=torch.float64)
+        m = torch.tensor(mem, dtype=torch.float64)
+        return {"tokens_mean": float(t.mean()), "tokens_cv": float(t.std(unbiased=False) / t.mean()),
+                "peak_mem_mb_mean": float(m.mean()), "peak_mem_mb_min": float(m.min()), "peak_mem_mb_max": float(m.max()),
+                "peak_mem_range_frac": float((m.max() - m.min()) / m.mean())}
+
+    budget = sum(n * s for (_, _, n), s in zip(STANDARD_STAGES, segment))  # the standard batch's tokens
+    token_budget = run(BatchingConfig(token_budget=budget))
+    fixed = run(BatchingConfig(token_budget=10**9, max_samples=16, batch_multiple=16))
+    return {"steps": steps, "mix": "50/30/20 until step 100, linear to 25/50/25 at step 200", "token_budget": budget,
+            **{k: v for k, v in token_budget.items()}, "fixed_batch": fixed}
+
+
 def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, progress: bool = True,
               variants: list[str] | None = None) -> dict:
     if threads:
@@ -288,6 +350,7 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
             "fraction_of_bf16_peak": flops / 1e9 / (base["ms_per_step_by_precision"]["bf16"] / 1000) / peaks["bf16"],
         }
     result["sampling"] = sampling_comparison(device)
+    result["stability"] = stability()
     return result
 
 
@@ -306,4 +369,8 @@ def format_bench(result: dict) -> str:
     lines.append(f"sampling {sp['images']} images, {sp['total_steps']} steps: pyramid {sp['pyramid_s']:.2f} s "
                  f"(per stage {', '.join(f'{t:.2f}' for t in sp['pyramid_stage_s'])}), flat {sp['flat_s']:.2f} s, "
                  f"{sp['ratio']:.2f}x faster")
+    st = result["stability"]
+    lines.append(f"stability over {st['steps']} steps ({st['mix']}): token budget: tokens CV {100 * st['tokens_cv']:.2f}%, "
+                 f"memory range {100 * st['peak_mem_range_frac']:.1f}% of mean; fixed 16 samples: tokens CV "
+                 f"{100 * st['fixed_batch']['tokens_cv']:.2f}%, memory range {100 * st['fixed_batch']['peak_mem_range_frac']:.1f}%")
     return "\n".join(lines)
