@@ -29,7 +29,7 @@ def test_bench_json_has_every_variant(capsys):
     for name in ("pyraflow", "reference_columns", "padded", "per_stage"):
         assert {"ms_per_step", "visual_tokens_per_s", "peak_mem_mb", "precision"} <= set(result["throughput"][name])
     assert result["machine"]["cores"] >= 1
-    assert {"fp32_peak_gflops", "bf16_peak_gflops", "fraction_of_fp32_peak"} <= set(result["mfu"])
+    assert {"fp32_peak_gflops", "bf16_peak_gflops", "fraction_of_fp32_peak", "wide"} <= set(result["mfu"])
     assert {"pyramid_s", "flat_s", "ratio", "pyramid_stage_s"} <= set(result["sampling"])
     assert {"tokens_cv", "peak_mem_range_frac", "fixed_batch"} <= set(result["stability"])
 
