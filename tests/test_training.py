@@ -166,3 +166,11 @@ def test_learning_rate_schedule():
     assert lr_factor(tc, 550) == pytest.approx(0.55)  # half way through the decay: (1 + 0.1) / 2
     assert lr_factor(tc, 1000) == pytest.approx(0.1)
     assert lr_factor(TrainConfig(lr_schedule="constant"), 5000) == 1.0
+
+
+def test_a_time_limit_stops_the_run_with_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    summary = run_training(tiny("train.steps=100000", "train.time_limit_minutes=0.05", "train.sample_every=0",
+                                "train.checkpoint_every=0"), out, progress=False)
+    assert 0 < summary["steps"] < 100000
+    assert (out / "checkpoints" / f"step-{summary['steps']}").is_dir()

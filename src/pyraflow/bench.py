@@ -405,4 +405,11 @@ def format_bench(result: dict) -> str:
     lines.append(f"stability over {st['steps']} steps ({st['mix']}): token budget: tokens CV {100 * st['tokens_cv']:.2f}%, "
                  f"memory range {100 * st['peak_mem_range_frac']:.1f}% of mean; fixed 16 samples: tokens CV "
                  f"{100 * st['fixed_batch']['tokens_cv']:.2f}%, memory range {100 * st['fixed_batch']['peak_mem_range_frac']:.1f}%")
+    if "quality" in result:
+        q = result["quality"]
+        lines.append(f"quality at equal compute ({q['minutes_per_variant']:g} min each, seed {q['seed']}, "
+                     f"{q['eval_samples']} samples):")
+        for name, row in q["variants"].items():
+            lines.append(f"  {name:<12} {row['steps']:>6} steps  FID (EfficientNet-Lite0) {row['fid_efficientnet_lite0']:7.1f}  "
+                         f"digit accuracy {100 * row['digit_accuracy']:5.1f}%")
     return "\n".join(lines)

@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=_positive_int, default=2, help="untimed steps per variant (default 2)")
     bench.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     bench.add_argument("--json", action="store_true", help="print JSON only")
+    bench.add_argument("--full", action="store_true",
+                       help="also the quality study: train the MNIST demo with 4 stage mixes for equal time, evaluate each")
+    bench.add_argument("--minutes", type=float, default=10.0, help="training minutes per variant for --full (default 10)")
+    bench.add_argument("--out", default="runs/quality-study", metavar="DIR", help="run directories for --full")
     return parser
 
 
@@ -172,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             from pyraflow.bench import format_bench, run_bench
 
             result = run_bench(steps=args.steps, warmup=args.warmup, threads=args.threads, progress=not args.json)
+            if args.full:
+                from pyraflow.study import quality_study
+
+                result["quality"] = quality_study(args.out, args.minutes, progress=not args.json)
             print(json.dumps(result, indent=2) if args.json else format_bench(result))
     except (ValueError, FileNotFoundError) as err:
         print(f"pyraflow {args.command}: error: {err}", file=sys.stderr)

@@ -67,6 +67,8 @@ class TrainConfig:
     """Data parallelism under torchrun: ``ddp`` or ``fsdp`` (FSDP2 fully_shard)."""
     threads: int | None = None
     """torch CPU threads (None: torch's default)."""
+    time_limit_minutes: float | None = None
+    """Stop (with a checkpoint) once training has run this long, even before train.steps: equal-compute runs."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "grad_accum", "log_every", "max_bad_steps"):
@@ -87,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"train.precision={self.precision!r} must be auto, fp32 or bf16.")
+        if self.time_limit_minutes is not None and self.time_limit_minutes <= 0:
+            raise ValueError(f"train.time_limit_minutes={self.time_limit_minutes} must be > 0 (or null).")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"train.parallel={self.parallel!r} must be ddp or fsdp.")
 
@@ -449,6 +453,8 @@ def run_training(config: Config, out_dir: str | Path | None = None, resume: bool
                 last_saved = step
             if tc.sample_every and step % tc.sample_every == 0 and step != target:
                 _grid(trainer, out / "samples" / f"step-{step:06d}.png")
+            if tc.time_limit_minutes and _out_of_time(trainer, started, tc.time_limit_minutes):
+                break
     finally:
         bar.close()
         if metrics:
@@ -464,6 +470,16 @@ def run_training(config: Config, out_dir: str | Path | None = None, resume: bool
     if info.enabled:
         _record_rank_checksums(trainer)
     return summary
+
+
+def _out_of_time(trainer: Trainer, started: float, minutes: float) -> bool:
+    """Whether the time limit is reached; under torchrun every rank follows rank 0's clock."""
+    late = torch.tensor([float(time.perf_counter() - started > 60 * minutes)], device=trainer.info.device)
+    if trainer.info.enabled:
+        import torch.distributed as dist
+
+        dist.broadcast(late, src=0)
+    return bool(late.item())
 
 
 def _grid(trainer: Trainer, path: Path) -> list[float] | None:
