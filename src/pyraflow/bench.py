@@ -120,6 +120,33 @@ class TrainStep:
         return self.batches[0]
 
 
+class SavedBytes:
+    """Counts the bytes of the tensors autograd saves for backward while active (unique storages, the
+    model's parameters excluded)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.saved: dict[int, int] = {}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._keep, lambda t: t)
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.params:
+            self.saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.saved.values())
+
+    def __enter__(self) -> "SavedBytes":
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.hooks.__exit__(*exc)
+
+
 def accounted_memory_mb(step: TrainStep) -> float:
     """Memory of one training step by accounting: parameters, their gradients and AdamW's two moments
     (4 x parameter bytes) plus every tensor autograd saves for backward (unique storages, parameters
@@ -127,24 +154,14 @@ def accounted_memory_mb(step: TrainStep) -> float:
     is held at the peak between forward and backward. Transient buffers (e.g. inside SDPA) are not
     counted, so this is a lower bound; it is exact and repeatable, unlike resident-set sizes, which on
     CPU mostly reflect the allocator."""
-    params = {p.untyped_storage().data_ptr() for p in step.model.parameters()}
-    saved: dict[int, int] = {}
-
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
     largest = 0
     passes = step.losses()
     while True:
-        saved.clear()
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        with SavedBytes(step.model) as saved:
             loss = next(passes, None)  # the forward runs here, inside the hook
         if loss is None:
             break
-        largest = max(largest, sum(saved.values()))
+        largest = max(largest, saved.total)
         loss.backward()
     step.optimizer.zero_grad(set_to_none=True)
     static = 4 * sum(p.numel() * p.element_size() for p in step.model.parameters())
@@ -227,49 +244,10 @@ def sampling_comparison(device: torch.device, images: int = 32, total_steps: int
 
 
 def _saved_bytes(model: MultiStageMMDiT, batch: PackedBatch) -> int:
-    """Bytes autograd saves for backward in one forward of ``batch`` (unique storages, parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+    """Bytes autograd saves for backward in one forward of ``batch``."""
+    with SavedBytes(model) as saved:
         model(batch).sum()
-    return sum(saved.values())
-
-
-def wide_mfu(device: torch.device, peak_fp32: float, steps: int = 5) -> dict:
-    """MFU where matmuls dominate: width 384 (6 heads of 64), 8 segments of 256 visual + 24 text tokens."""
-    g = torch.Generator().manual_seed(0)
-    samples = [Sample(2, torch.randn(4, 1, 32, 32, generator=g), torch.randn(24, 384, generator=g),
-                      torch.randn(384, generator=g), 300.0) for _ in range(8)]
-    batch = pack(samples, 3, 2, 4, 384, 384).to(device)
-    config = standard_model_config(width=384, num_heads=6, attention="auto")
-    torch.manual_seed(0)
-    model = MultiStageMMDiT(config).to(device)
-    optimizer = make_optimizer(list(model.parameters()), 1e-4, 0.0)
-    context = model.prepare(batch.layout, device)
-    target = torch.randn_like(batch.visual)
-    times = []
-    for i in range(steps + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        torch.nn.functional.mse_loss(model(batch, context), target).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    gflops = training_flops(batch, config) / 1e9 / seconds
-    return {"width": 384, "segment_tokens": 280, "segments": 8, "precision": "fp32", "ms_per_step": 1000 * seconds,
-            "model_gflops": gflops, "fraction_of_fp32_peak": gflops / peak_fp32}
+    return saved.total
 
 
 def stability(steps: int = 300, text_tokens: int = 24) -> dict:
