@@ -346,7 +346,7 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
         if name in variants_out:
             entry = dict(variants_out[name])
             if base:
-                entry["pyraflow_speedup"] = base["visual_tokens_per_s"] and base["visual_tokens_per_s"] / entry["visual_tokens_per_s"]
+                entry["pyraflow_speedup"] = base["visual_tokens_per_s"] / entry["visual_tokens_per_s"]
             result["throughput"][label] = entry
     peaks = {p: matmul_peak_gflops(dtype, device) for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     if base:

@@ -98,7 +98,7 @@ def _train(args) -> int:
     except TrainingStopped as err:
         print(f"pyraflow train: stopped: {err}", file=sys.stderr)
         return 3
-    if summary is not None and int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         run = summary["run_dir"]
         print(f"trained {summary['steps']} steps in {summary['seconds'] / 60:.1f} min ({summary['precision']}); "
               f"checkpoint {run}/checkpoints/latest, samples in {run}/samples, loss plot {run}/loss.png")

@@ -109,8 +109,8 @@ class PackedBatch:
 
 
 def patchify(latent: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(C, T, H, W) -> (T * H/p * W/p, C * p * p); tokens in (t, h, w) raster order."""
-    return rearrange(latent, "c t (h p) (w q) -> (t h w) (c p q)", p=patch_size, q=patch_size)
+    """(..., C, T, H, W) -> (..., T * H/p * W/p, C * p * p); tokens in (t, h, w) raster order."""
+    return rearrange(latent, "... c t (h p) (w q) -> ... (t h w) (c p q)", p=patch_size, q=patch_size)
 
 
 def unpatchify(tokens: torch.Tensor, shape: tuple[int, int, int, int], patch_size: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from pyraflow.model import MultiStageMMDiT
-from pyraflow.packing import Sample, pack, unpack
+from pyraflow.packing import Sample, pack, patchify, unpack
 from pyraflow.schedule import PyramidSchedule
 from pyraflow.text import TextEmbedding
 
@@ -73,21 +73,24 @@ def sample_pyramid(
     guided = guidance != 1.0
     null_tokens, null_pooled = null.item(0)
     timings = []
+    p = model.config.patch_size
     for k in range(schedule.num_stages):
         start = time.perf_counter()
         if k > 0:
             x = schedule.jump(x, k, generator)
         grid = schedule.sampling_grid(steps[k])
-        context = None
+        # Shapes stay fixed within a stage, so pack and prepare once; each step only swaps in the
+        # current latents and timestep.
+        samples = [Sample(k, x[j], *text.item(j), 0.0) for j in range(n)]
+        if guided:
+            samples += [Sample(k, x[j], null_tokens, null_pooled, 0.0) for j in range(n)]
+        batch = pack(samples, schedule.num_stages, p).to(device)
+        context = model.prepare(batch.layout, device)
+        rows = torch.tensor([i % n for i in batch.layout.order])  # packed segment -> row of x
         for i in range(steps[k]):
-            r = grid[i].float()
-            t = schedule.timestep(torch.tensor([k]), r.reshape(1))[0]
-            samples = [Sample(k, x[j], *text.item(j), t) for j in range(n)]
-            if guided:
-                samples += [Sample(k, x[j], null_tokens, null_pooled, t) for j in range(n)]
-            batch = pack(samples, schedule.num_stages, model.config.patch_size).to(device)
-            if context is None:  # the layout only depends on shapes, which stay fixed within a stage
-                context = model.prepare(batch.layout, device)
+            t = schedule.timestep(torch.tensor([k]), grid[i].float().reshape(1))[0]
+            batch.visual = patchify(x, p)[rows].flatten(0, 1).to(device)
+            batch.timestep = torch.full_like(batch.timestep, float(t))
             velocity = torch.stack(unpack(model(batch, context).float().cpu(), batch.layout))
             if guided:
                 v_cond, v_null = velocity[:n], velocity[n:]
@@ -136,8 +139,7 @@ class Pipeline:
         seed = self.config.sample.seed if seed is None else seed
         pixels, timings = self.generate([p for p in prompts for _ in range(per_prompt)], seed, steps, guidance)
         path = Path(path)
-        if path.parent and not path.parent.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.png")
         to_grid_image(pixels[:, :, 0], rows=len(prompts)).save(tmp)
         tmp.replace(path)

@@ -7,6 +7,7 @@ loss (mean squared error per sample, averaged over samples), matching a stage mi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -183,7 +184,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.params, tc.lr, tc.weight_decay, info.enabled and tc.parallel == "fsdp")
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(tc, s))
         self.mix = build_mix(config.batching.mix, config.schedule.stages)
-        self.batcher = TokenBudgetBatcher(config.batching, self._segment_tokens(), self.mix, len(self.data),
+        self.batcher = TokenBudgetBatcher(config.batching, config.stage_segment_tokens(), self.mix, len(self.data),
                                           info.rank, info.world_size)
         self.generator = torch.Generator().manual_seed(tc.seed * 7919 + info.rank)
         self.step = 0
@@ -208,9 +209,6 @@ class Trainer:
                 f"gives {enc.width}-wide states and {enc.pooled_width}-wide pooled vectors; set model.text_dim={enc.width} "
                 f"and model.pooled_dim={enc.pooled_width}."
             )
-
-    def _segment_tokens(self) -> list[int]:
-        return self.config.stage_segment_tokens()
 
     # ----- one step ---------------------------------------------------------------------------------
     def _micro_batch(self):
@@ -255,7 +253,7 @@ class Trainer:
         for micro in range(tc.grad_accum):
             packed, target, n_tokens = self._micro_batch()
             sync = micro == tc.grad_accum - 1 or not hasattr(self.wrapped, "no_sync")
-            context = self.wrapped.no_sync() if not sync else _null_context()
+            context = self.wrapped.no_sync() if not sync else contextlib.nullcontext()
             with context:
                 loss, per_sample, stages = self._loss(packed, target)
                 (loss / tc.grad_accum).backward()
@@ -395,14 +393,6 @@ def _copy_into(target: torch.Tensor, full: torch.Tensor) -> None:
         target.copy_(distribute_tensor(full.to(target.dtype), target.device_mesh, target.placements))
     else:
         target.copy_(full)
-
-
-class _null_context:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def sample_prompts(trainer: Trainer) -> list[str]:
