@@ -32,6 +32,7 @@ def test_bench_json_has_every_variant(capsys):
     assert {"fp32_peak_gflops", "bf16_peak_gflops", "fraction_of_fp32_peak", "wide"} <= set(result["mfu"])
     assert {"pyramid_s", "flat_s", "ratio", "pyramid_stage_s"} <= set(result["sampling"])
     assert {"tokens_cv", "peak_mem_range_frac", "fixed_batch"} <= set(result["stability"])
+    assert {"cached_s", "recomputed_s", "speedup", "last_unit_speedup"} <= set(result["history_cache"])
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -51,3 +52,16 @@ def test_stability_separates_token_budgets_from_fixed_batches():
     result = stability(steps=120)
     assert result["tokens_cv"] < 0.02 and result["peak_mem_range_frac"] < 0.1
     assert result["fixed_batch"]["tokens_cv"] > 2 * result["tokens_cv"]
+
+
+def test_the_quick_pieces_of_the_bench_run_and_report_their_keys():
+    """Cheap sizes of the bench's own measurement functions (the full bench is the slow test above)."""
+    import torch
+
+    from pyraflow.bench import history_cache_comparison, wide_mfu
+
+    wide = wide_mfu(torch.device("cpu"), peak_fp32=100.0, steps=1)
+    assert wide["ms_per_step"] > 0 and wide["fraction_of_fp32_peak"] > 0
+    cache = history_cache_comparison(torch.device("cpu"), videos=1, units=2, steps=1, repeats=1)
+    assert len(cache["cached_unit_s"]) == len(cache["recomputed_unit_s"]) == 3
+    assert cache["speedup"] > 0 and cache["latent"] == [4, 5, 32, 32]

@@ -46,7 +46,8 @@ def test_per_frame_timesteps_make_one_conditioning_run_per_frame():
     samples = random_samples(1, count=4, frames=(3,), per_frame=True)
     batch = pack(samples, num_stages=3)
     assert batch.timestep.shape == (12,)
-    assert batch.layout.text_run.tolist() == [2, 5, 8, 11]  # text follows each segment's newest frame
+    # text follows each segment's first run (for video: the oldest history, fixed while a unit is denoised)
+    assert batch.layout.text_run.tolist() == [0, 3, 6, 9]
 
 
 def _sample(**kw):

@@ -210,6 +210,82 @@ def _grouped(text: tuple[torch.Tensor, ...], visual: tuple[torch.Tensor, ...], p
     return torch.cat(text_out), torch.cat(visual_out)
 
 
+@dataclass
+class PrefixGroup:
+    """Segments of one group whose text and history keys/values come from a PrefixCache."""
+
+    text: tuple[int, int]  # slice of the cached text stream
+    history: tuple[int, int]  # slice of the cached history (visual) stream
+    visual: tuple[int, int]  # slice of the predicted tokens
+    count: int
+    text_lengths: list[int]
+    mask: torch.Tensor | None  # (G, 1, 1, L) key padding where text lengths differ
+
+
+@dataclass
+class PrefixPlan:
+    """Attention of predicted video-unit tokens over [text; history; own unit] with text and history cached."""
+
+    groups: list[PrefixGroup]
+
+
+def build_prefix_plan(layout: Layout, prefix: Layout, device: torch.device) -> PrefixPlan:
+    """Match each group of ``layout`` (the unit being denoised) with its segments in the cached ``prefix``.
+
+    The predicted tokens of a unit all share one causal index above every history unit, so they see all
+    of the prefix and all of their own unit: no mask beyond text padding.
+    """
+    if layout.order != prefix.order or layout.text_lengths != prefix.text_lengths:
+        raise ValueError("the prefix cache was built for other segments (order or text differs); build it from "
+                         "the same samples, in the same order, as the unit being denoised.")
+    if any(layout.history_lengths):
+        raise ValueError("with a prefix cache, pack only the predicted latents (no history parts).")
+    groups = []
+    for group in layout.groups:
+        first, last = group.segments.start, group.segments.stop
+        history = {prefix.visual_lengths[b] for b in range(first, last)}
+        if len(history) != 1:
+            raise ValueError("segments of one group have histories of different lengths; give them equal histories.")
+        text_lengths = layout.text_lengths[first:last]
+        lt, lh, lv = max(text_lengths), history.pop(), group.visual_length
+        mask = None
+        if min(text_lengths) != lt:
+            valid = torch.arange(lt + lh + lv)[None, :] < torch.tensor(text_lengths)[:, None]
+            valid[:, lt:] = True
+            mask = valid[:, None, None, :].to(device)
+        groups.append(PrefixGroup(
+            text=(layout.text_offsets[first], layout.text_offsets[last]),
+            history=(prefix.visual_offsets[first], prefix.visual_offsets[last]),
+            visual=(group.visual_start, group.visual_start + len(text_lengths) * lv),
+            count=len(text_lengths), text_lengths=text_lengths, mask=mask,
+        ))
+    return PrefixPlan(groups)
+
+
+def attend_prefixed(visual: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                    cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                    plan: PrefixPlan) -> torch.Tensor:
+    """Predicted tokens (N, heads, head_dim) attend to cached (k_text, v_text, k_history, v_history) and themselves."""
+    q, k, v = visual
+    k_text, v_text, k_hist, v_hist = cached
+    heads, dim = q.shape[1:]
+    out = []
+    for g in plan.groups:
+        def view(x, span):
+            return x[span[0] : span[1]].reshape(g.count, -1, heads, dim)
+
+        def text_part(x):
+            if g.mask is None:
+                return view(x, g.text)
+            return torch.nn.utils.rnn.pad_sequence(x[g.text[0] : g.text[1]].split(g.text_lengths), batch_first=True)
+
+        keys = torch.cat([text_part(k_text), view(k_hist, g.history), view(k, g.visual)], dim=1).transpose(1, 2)
+        values = torch.cat([text_part(v_text), view(v_hist, g.history), view(v, g.visual)], dim=1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(view(q, g.visual).transpose(1, 2), keys, values, attn_mask=g.mask)
+        out.append(o.transpose(1, 2).reshape(-1, heads, dim))
+    return torch.cat(out)
+
+
 def _flash_layout(layout: Layout, segment: torch.Tensor, frame: torch.Tensor, causal: bool, device: torch.device) -> dict:
     """cu_seqlens for flash-attn varlen. Temporal-causal attention is expressed without a mask: each
     segment is split into query chunks (its text, then each frame) and every chunk attends to a prefix

@@ -301,7 +301,7 @@ class StageBatch:
 
     step: int
     sample_ids: list[int]
-    stages: list[int]  # stage of each sample, aligned with sample_ids
+    stages: list[int]  # class of each sample (its stage, or its (stage, unit) class for video), aligned with sample_ids
     counts: list[int]  # samples per stage
     tokens: int  # budgeted tokens (segment lengths; the attention term excluded)
     cost: float  # tokens plus the attention term: what the budget bounds
@@ -310,7 +310,8 @@ class StageBatch:
 class TokenBudgetBatcher:
     """Chooses each step's per-stage sample counts under a token budget and hands out sample ids.
 
-    segment_tokens[k] is the number of tokens one stage-k sample brings (visual + text). The carried
+    segment_tokens[k] is the number of tokens one stage-k sample brings (visual + text). For video units the
+    "stages" are classes, one per (stage, unit) pair (see pyraflow.video.example_classes). The carried
     state is (step, the cumulative target and assigned amounts per stage, samples consumed); it is the
     same on every rank, so rank 0 can save it for all.
     """
@@ -323,8 +324,10 @@ class TokenBudgetBatcher:
         dataset_size: int,
         rank: int = 0,
         world_size: int = 1,
+        class_names: list[str] | None = None,
     ):
         self.config = config
+        self.class_names = class_names or [f"stage {k}" for k in range(len(segment_tokens))]
         self.segment_tokens = np.asarray(segment_tokens, dtype=np.int64)
         self.num_stages = len(segment_tokens)
         self.cost = self.segment_tokens + config.attention_cost * self.segment_tokens.astype(np.float64) ** 2
@@ -342,8 +345,8 @@ class TokenBudgetBatcher:
         if largest > config.token_budget:
             k = int(np.flatnonzero(support & (self.cost == largest))[0])
             raise ValueError(
-                f"batching.token_budget={config.token_budget} is below one sample of stage {k} "
-                f"({largest:g} tokens); raise the budget to at least {math.ceil(largest)} or set stage {k}'s ratio to 0."
+                f"batching.token_budget={config.token_budget} is below one sample of {self.class_names[k]} "
+                f"({largest:g} tokens); raise the budget to at least {math.ceil(largest)} or give that stage a ratio of 0."
             )
         positive_costs = self.cost[support & (self.cost > 0)]
         self.max_batch = int(min(config.max_samples, config.token_budget // positive_costs.min()))
@@ -455,7 +458,7 @@ class TokenBudgetBatcher:
             "dataset_size": self.dataset_size,
             "world_size": self.world_size,
         }
-        if isinstance(self.mix, AdaptiveMix):
+        if hasattr(self.mix, "state_dict"):
             state["adaptive_mix"] = self.mix.state_dict()
         return state
 
@@ -470,5 +473,5 @@ class TokenBudgetBatcher:
         self.target = np.asarray(state["target"], dtype=np.float64)
         self.assigned = np.asarray(state["assigned"], dtype=np.float64)
         self.consumed = int(state["consumed"])
-        if "adaptive_mix" in state and isinstance(self.mix, AdaptiveMix):
+        if "adaptive_mix" in state and hasattr(self.mix, "load_state_dict"):
             self.mix.load_state_dict(state["adaptive_mix"])

@@ -218,7 +218,7 @@ def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = 204
     return 2 * size**3 / best / 1e9
 
 
-def sampling_comparison(device: torch.device, images: int = 32, total_steps: int = 30) -> dict:
+def sampling_comparison(device: torch.device, images: int = 16, total_steps: int = 30) -> dict:
     """Wall time of 3-stage pyramidal sampling against flat full-resolution flow sampling with the same
     total number of Euler steps and the same model (standard config, 32x32 latents, guidance on)."""
     from pyraflow.sampling import sample_pyramid
@@ -241,6 +241,69 @@ def sampling_comparison(device: torch.device, images: int = 32, total_steps: int
         result[f"{name}_stage_s"] = per_stage
     result["ratio"] = result["flat_s"] / result["pyramid_s"]
     return result
+
+
+def wide_mfu(device: torch.device, peak_fp32: float, steps: int = 5) -> dict:
+    """MFU where matmuls dominate: width 384 (6 heads of 64), 8 segments of 256 visual + 24 text tokens."""
+    g = torch.Generator().manual_seed(0)
+    samples = [Sample(2, torch.randn(4, 1, 32, 32, generator=g), torch.randn(24, 384, generator=g),
+                      torch.randn(384, generator=g), 300.0) for _ in range(8)]
+    batch = pack(samples, 3, 2, 4, 384, 384).to(device)
+    config = standard_model_config(width=384, num_heads=6, attention="auto")
+    torch.manual_seed(0)
+    model = MultiStageMMDiT(config).to(device)
+    optimizer = make_optimizer(list(model.parameters()), 1e-4, 0.0)
+    context = model.prepare(batch.layout, device)
+    target = torch.randn_like(batch.visual)
+    times = []
+    for i in range(steps + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.nn.functional.mse_loss(model(batch, context), target).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    gflops = training_flops(batch, config) / 1e9 / seconds
+    return {"width": 384, "segment_tokens": 280, "segments": 8, "precision": "fp32", "ms_per_step": 1000 * seconds,
+            "model_gflops": gflops, "fraction_of_fp32_peak": gflops / peak_fp32}
+
+
+def history_cache_comparison(device: torch.device, videos: int = 1, unit_frames: int = 2, units: int = 4,
+                             steps: int = 8, repeats: int = 2) -> dict:
+    """Autoregressive video sampling with the history cache (text and history keys/values computed once per
+    unit and stage) against recomputing them at every Euler step, as the reference does. Standard model
+    with temporal-causal attention, 32x32 latents, 1 + units * unit_frames frames, guidance on; alternated,
+    median over ``repeats`` runs."""
+    from pyraflow.sampling import sample_video
+    from pyraflow.schedule import PyramidSchedule, ScheduleConfig
+    from pyraflow.text import TextEmbedding
+
+    torch.manual_seed(0)
+    model = MultiStageMMDiT(standard_model_config(attention="auto", temporal_causal=True)).to(device).eval()
+    schedule = PyramidSchedule(ScheduleConfig(stages=3))
+    g = torch.Generator().manual_seed(0)
+    text = TextEmbedding(torch.randn(videos, 24, 384, generator=g), torch.full((videos,), 24), torch.randn(videos, 384, generator=g))
+    null = TextEmbedding(torch.zeros(1, 2, 384), torch.tensor([2]), torch.zeros(1, 384))
+    shape = (4, 1 + units * unit_frames, 32, 32)
+    runs: dict[str, list[list[float]]] = {"cached": [], "recomputed": []}
+    for _ in range(repeats):
+        for name in runs:
+            _, per_unit = sample_video(model, schedule, text, null, shape, unit_frames, [steps] * 3, 3.0,
+                                       torch.Generator().manual_seed(1), device, use_cache=name == "cached")
+            runs[name].append(per_unit)
+    per_unit = {name: [statistics.median(r[u] for r in rs) for u in range(units + 1)] for name, rs in runs.items()}
+    total = {name: statistics.median(sum(r) for r in rs) for name, rs in runs.items()}
+    return {
+        "videos": videos, "latent": list(shape), "unit_frames": unit_frames, "steps_per_stage": steps, "repeats": repeats,
+        "cached_s": total["cached"], "recomputed_s": total["recomputed"], "speedup": total["recomputed"] / total["cached"],
+        "cached_unit_s": per_unit["cached"], "recomputed_unit_s": per_unit["recomputed"],
+        "last_unit_speedup": per_unit["recomputed"][-1] / per_unit["cached"][-1],
+    }
 
 
 def _saved_bytes(model: MultiStageMMDiT, batch: PackedBatch) -> int:
@@ -359,6 +422,7 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
             "wide": wide_mfu(device, peaks["fp32"]),
         }
     result["sampling"] = sampling_comparison(device)
+    result["history_cache"] = history_cache_comparison(device)
     result["stability"] = stability()
     return result
 
@@ -379,15 +443,20 @@ def format_bench(result: dict) -> str:
     lines.append(f"sampling {sp['images']} images, {sp['total_steps']} steps: pyramid {sp['pyramid_s']:.2f} s "
                  f"(per stage {', '.join(f'{t:.2f}' for t in sp['pyramid_stage_s'])}), flat {sp['flat_s']:.2f} s, "
                  f"{sp['ratio']:.2f}x faster")
+    hc = result["history_cache"]
+    lines.append(f"video sampling, {hc['videos']} videos of {hc['latent'][1]} frames: history cache {hc['cached_s']:.2f} s, "
+                 f"recomputed {hc['recomputed_s']:.2f} s, {hc['speedup']:.2f}x faster ({hc['last_unit_speedup']:.2f}x on the last unit)")
     st = result["stability"]
     lines.append(f"stability over {st['steps']} steps ({st['mix']}): token budget: tokens CV {100 * st['tokens_cv']:.2f}%, "
                  f"memory range {100 * st['peak_mem_range_frac']:.1f}% of mean; fixed 16 samples: tokens CV "
                  f"{100 * st['fixed_batch']['tokens_cv']:.2f}%, memory range {100 * st['fixed_batch']['peak_mem_range_frac']:.1f}%")
     if "quality" in result:
         q = result["quality"]
-        lines.append(f"quality at equal compute ({q['minutes_per_variant']:g} min each, seed {q['seed']}, "
+        lines.append(f"quality at equal compute ({q['minutes_per_variant']:g} min each, seeds {q['seeds']}, "
                      f"{q['eval_samples']} samples):")
         for name, row in q["variants"].items():
-            lines.append(f"  {name:<12} {row['steps']:>6} steps  FID (EfficientNet-Lite0) {row['fid_efficientnet_lite0']:7.1f}  "
-                         f"digit accuracy {100 * row['digit_accuracy']:5.1f}%")
+            each = ", ".join(f"{r['fid_efficientnet_lite0']:.0f} / {100 * r['digit_accuracy']:.1f}% ({r['steps']} steps)"
+                             for r in row["runs"])
+            lines.append(f"  {name:<12} FID (EfficientNet-Lite0) {row['fid_mean']:7.1f}  digit accuracy "
+                         f"{100 * row['digit_accuracy_mean']:5.1f}%  (per seed: {each})")
     return "\n".join(lines)

@@ -60,11 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="pyramidal sampling from a trained run (EMA weights)")
     sample.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory or checkpoints/step-N")
     sample.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="caption (repeatable: one row each)")
-    sample.add_argument("--num", type=_positive_int, default=8, help="images per prompt (default 8)")
+    sample.add_argument("--num", type=_positive_int, help="samples per prompt (default 8 images, 1 video)")
     sample.add_argument("--steps", type=_positive_int, help="Euler steps per stage (default: the run's sample.steps)")
     sample.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's)")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--out", required=True, metavar="FILE.png", help="where to write the grid")
+    sample.add_argument("--out", required=True, metavar="FILE",
+                        help="FILE.png: an image grid; FILE.gif or FILE.mp4: videos (plus a contact sheet FILE.png)")
+    sample.add_argument("--frames", type=_positive_int, help="video length (default: the run's clip length)")
+    sample.add_argument("--image", metavar="FILE", help="first frame to start the videos from (image-to-video)")
+    sample.add_argument("--allow-longer", action="store_true",
+                        help="allow --frames beyond the training clip length (history limited to the trained units)")
+    sample.add_argument("--no-cache", action="store_true", help="recompute text and history at every step (slower)")
 
     evaluate = commands.add_parser("eval", help="FID (EfficientNet-Lite0) and, for mnist, digit accuracy of a run's samples")
     evaluate.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory or checkpoints/step-N")
@@ -82,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--full", action="store_true",
                        help="also the quality study: train the MNIST demo with 4 stage mixes for equal time, evaluate each")
     bench.add_argument("--minutes", type=float, default=10.0, help="training minutes per variant for --full (default 10)")
+    bench.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S", help="seeds for --full (default 0)")
     bench.add_argument("--out", default="runs/quality-study", metavar="DIR", help="run directories for --full")
     return parser
 
@@ -128,15 +135,37 @@ def _prepare(args) -> int:
 def _sample(args) -> int:
     from pathlib import Path
 
-    from pyraflow.sampling import load_pipeline
+    from pyraflow.sampling import VIDEO_SUFFIXES, contact_sheet, load_pipeline, write_video
 
     if not args.prompt:
         raise ValueError("give at least one --prompt TEXT (e.g. --prompt 'a handwritten digit seven').")
+    out = Path(args.out)
+    wants_video = args.frames is not None or args.image is not None
+    if wants_video and out.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"--out {out} must end in .gif or .mp4 when --frames or --image is given.")
+    if not wants_video and out.suffix.lower() not in VIDEO_SUFFIXES + (".png", ".jpg", ".jpeg"):
+        raise ValueError(f"--out {out} must end in .png (an image grid), .gif or .mp4 (videos).")
     pipeline = load_pipeline(args.checkpoint)
     steps = [args.steps] * pipeline.schedule.num_stages if args.steps else None
-    timings = pipeline.grid(args.prompt, args.num, Path(args.out), seed=args.seed, steps=steps, guidance=args.guidance)
+    if out.suffix.lower() in VIDEO_SUFFIXES:
+        from pyraflow.data import read_image
+        from pyraflow.sampling import write_image
+
+        num = args.num or 1
+        image = read_image(args.image, pipeline.config.data.channels) if args.image else None
+        frames = args.frames or pipeline.config.data.frames
+        prompts = [p for p in args.prompt for _ in range(num)]
+        pixels, timings = pipeline.video(prompts, frames, args.seed, image, steps, args.guidance, args.allow_longer,
+                                         use_cache=False if args.no_cache else None)
+        write_video(pixels, out, rows=len(args.prompt))
+        sheet = out.with_suffix(".png")
+        write_image(contact_sheet(pixels), sheet)
+        units = ", ".join(f"{t:.2f}" for t in timings)
+        print(f"wrote {out} and {sheet} ({len(prompts)} video(s) of {pixels.shape[2]} frames); seconds per unit: {units}")
+        return 0
+    timings = pipeline.grid(args.prompt, args.num or 8, out, seed=args.seed, steps=steps, guidance=args.guidance)
     stages = ", ".join(f"stage {k}: {t:.2f} s" for k, t in enumerate(timings))
-    print(f"wrote {args.out} ({len(args.prompt)} x {args.num}); time per stage: {stages}")
+    print(f"wrote {args.out} ({len(args.prompt)} x {args.num or 8}); time per stage: {stages}")
     return 0
 
 
@@ -179,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.full:
                 from pyraflow.study import quality_study
 
-                result["quality"] = quality_study(args.out, args.minutes, progress=not args.json)
+                result["quality"] = quality_study(args.out, args.minutes, args.seeds, progress=not args.json)
             print(json.dumps(result, indent=2) if args.json else format_bench(result))
     except (ValueError, FileNotFoundError) as err:
         print(f"pyraflow {args.command}: error: {err}", file=sys.stderr)

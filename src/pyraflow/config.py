@@ -24,6 +24,7 @@ from pyraflow.model import ModelConfig
 from pyraflow.sampling import SampleConfig
 from pyraflow.schedule import ScheduleConfig
 from pyraflow.text import TextConfig
+from pyraflow.video import VideoConfig, unit_spans
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Config:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     train: "TrainConfig" = field(default_factory=lambda: _train_config())
     sample: SampleConfig = field(default_factory=SampleConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
 
     def __post_init__(self) -> None:
         model, k = self.model, self.schedule.stages
@@ -56,6 +58,17 @@ class Config:
         if mix.kind in ("constant", "adaptive"):
             resolve_ratio(mix.ratio, k)
         self.sample.steps_per_stage(k)
+        if self.video.unit_frames is not None:
+            try:
+                unit_spans(self.data.frames, self.video.unit_frames)
+            except ValueError as err:
+                raise ValueError(f"data.frames={self.data.frames} with video.unit_frames={self.video.unit_frames}: {err}") from err
+            if not model.temporal_causal:
+                raise ValueError("video.unit_frames needs model.temporal_causal: true (a unit must not see later units).")
+
+    def video_units(self) -> bool:
+        """Whether videos are trained and sampled unit by unit (autoregressively)."""
+        return self.video.unit_frames is not None
 
     def latent_channels(self) -> int:
         return self.latent.resolved_channels(self.data.channels)

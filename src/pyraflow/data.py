@@ -53,6 +53,8 @@ class DataConfig:
     """Frames per sample (1 for images; clip length for videos)."""
     frame_stride: int = 1
     """Take every n-th decoded frame when cutting clips."""
+    clip_hop: int | None = None
+    """Decoded frames between the starts of consecutive clips; None: clips do not overlap (frames * frame_stride)."""
     max_bad_fraction: float = 0.1
     """Give up if more than this fraction of the files cannot be read."""
     cache: str | None = None
@@ -69,6 +71,8 @@ class DataConfig:
             raise ValueError(f"data.channels={self.channels} must be 1 (grey) or 3 (RGB).")
         if self.resize not in ("crop", "pad"):
             raise ValueError(f"data.resize={self.resize!r} must be 'crop' or 'pad'.")
+        if self.clip_hop is not None and self.clip_hop < 1:
+            raise ValueError(f"data.clip_hop={self.clip_hop} must be a positive number of frames (or null).")
         for name in ("image_size", "frames", "frame_stride"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -119,6 +123,22 @@ def fit_image(image, size: int, channels: int, mode: str) -> torch.Tensor:
         canvas.paste(image, ((size - image.size[0]) // 2, (size - image.size[1]) // 2))
         image = canvas
     array = np.asarray(image, dtype=np.float32).reshape(size, size, channels)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def read_image(path: str | Path, channels: int) -> torch.Tensor:
+    """An image file as it is (no resizing) -> (C, H, W) in [-1, 1]; a clear error if it cannot be read."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist.")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            array = np.asarray(image, dtype=np.float32).reshape(image.height, image.width, channels)
+    except Exception as err:
+        raise ValueError(f"image {path} cannot be read ({type(err).__name__}: {err}); give a PNG or JPEG file.") from err
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
@@ -232,7 +252,8 @@ def decode_video(path: Path, size: int, channels: int, mode: str) -> list[torch.
 
 
 class VideoClips:
-    """Videos cut into non-overlapping clips of ``frames`` frames taken every ``frame_stride`` frames.
+    """Videos cut into clips of ``frames`` frames taken every ``frame_stride`` frames, a new clip every
+    ``clip_hop`` decoded frames (by default right after the previous one).
 
     Decoding happens lazily per video, and a video that fails to decode is skipped and counted.
     """
@@ -268,7 +289,7 @@ class VideoClips:
                 caption = sidecar.read_text().strip() if sidecar.is_file() else ""
             if frames and len(frames) < span:
                 self.bad.append((str(path), f"only {len(frames)} frames, fewer than one clip of {span}"))
-            for n, start in enumerate(range(0, len(frames) - span + 1, span)):
+            for n, start in enumerate(range(0, len(frames) - span + 1, c.clip_hop or span)):
                 clip = torch.stack(frames[start : start + span : c.frame_stride], dim=1)  # (C, T, H, W)
                 yield RawSample(f"{key}#{n}", clip, caption, f"{path}#{start}")
 

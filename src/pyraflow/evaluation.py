@@ -138,9 +138,20 @@ def digit_classifier(config, cache: Path | None = None) -> tuple[DigitClassifier
     return model, accuracy
 
 
+def motion_statistics(videos: torch.Tensor) -> dict:
+    """How much frames change over time in (B, C, T, H, W) videos: consecutive frames against unrelated ones.
+
+    Continuous motion shows as a consecutive change well below the unrelated one; a frozen video as zero.
+    """
+    consecutive = (videos[:, :, 1:] - videos[:, :, :-1]).abs().mean().item()
+    unrelated = (videos - videos.roll(len(videos) // 2, dims=0)).abs().mean().item() if len(videos) > 1 else float("nan")
+    return {"consecutive_frame_change": consecutive, "unrelated_frame_change": unrelated}
+
+
 def evaluate(checkpoint: str | Path, num: int = 200, seed: int = 0, steps: int | None = None,
              guidance: float | None = None, batch: int = 100, progress: bool = True) -> dict:
-    """Sample ``num`` images (spread evenly over the ten digits for mnist) and score them."""
+    """Sample ``num`` images (spread evenly over the ten digits for mnist) and score them; for videos, FID
+    is on first frames and ``motion`` compares frame-to-frame change with real clips."""
     from tqdm import tqdm
 
     from pyraflow.checkpoint import resolve_checkpoint
@@ -162,8 +173,9 @@ def evaluate(checkpoint: str | Path, num: int = 200, seed: int = 0, steps: int |
     chunks = []
     for i in tqdm(range(0, num, batch), desc="sampling for eval", disable=not progress):
         pixels, _ = pipeline.generate(prompts[i : i + batch], seed=seed + i, steps=step_list, guidance=guidance)
-        chunks.append(pixels[:, :, 0])
-    samples = torch.cat(chunks)
+        chunks.append(pixels)
+    videos = torch.cat(chunks)
+    samples = videos[:, :, 0]
     sample_seconds = time.perf_counter() - started
     if is_mnist:
         real, _ = _mnist_pixels(config, "heldout")
@@ -183,6 +195,14 @@ def evaluate(checkpoint: str | Path, num: int = 200, seed: int = 0, steps: int |
         "fid_reference": reference,
         "sample_seconds": sample_seconds,
     }
+    if videos.shape[2] > 1:
+        real_videos = pipeline.latent_space.decode(data.latents).clamp(-1, 1)
+        result["motion"] = {
+            "generated": motion_statistics(videos),
+            "real": motion_statistics(real_videos),
+            "note": "mean absolute pixel change (pixels in [-1, 1]) between consecutive frames, and between frames of "
+                    "two videos half the set apart at the same time index (what a cut to another video would give)",
+        }
     if is_mnist:
         classifier, heldout_accuracy = digit_classifier(config, path.parent.parent / "eval" / "digit_classifier.safetensors")
         predicted = classify(classifier, samples)

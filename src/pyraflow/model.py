@@ -9,6 +9,9 @@ Text and visual tokens have separate weights (two streams) and meet in joint att
 segment. Conditioning c = embed(timestep) + embed(pooled text) drives adaLN-Zero per segment, or per
 frame where a segment carries one timestep per frame (a *run*). Modulation vectors are broadcast over
 each group of equal-shape runs rather than copied to every token.
+
+For video units, ``prefix_cache`` runs the text and history of a unit once and ``forward(..., prefix=cache)``
+then runs only the predicted tokens at each denoising step (exact under temporal-causal attention).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from pyraflow.attention import BACKENDS, AttentionPlan, attend, build_plan, resolve_backend
+from pyraflow.attention import (BACKENDS, AttentionPlan, PrefixPlan, attend, attend_prefixed, build_plan,
+                                build_prefix_plan, resolve_backend)
 from pyraflow.packing import Layout, PackedBatch
 
 
@@ -152,16 +156,26 @@ def _norm_modulate(x, shift, scale):
 class Context:
     """What every block needs about the batch, computed once per forward."""
 
-    def __init__(self, layout: Layout, plan: AttentionPlan, rope: tuple[torch.Tensor, torch.Tensor], device,
-                 per_token: bool = False):
+    def __init__(self, layout: Layout, plan: AttentionPlan | PrefixPlan, rope: tuple[torch.Tensor, torch.Tensor],
+                 device, per_token: bool = False):
         self.layout = layout
         self.plan = plan
         self.rope = rope  # cos, sin: (Nv, 1, head_dim / 2)
-        visual_runs: list[int] = []
-        for g in layout.groups:
-            visual_runs += [g.visual_length // g.runs_per_segment] * (len(g.segments) * g.runs_per_segment)
-        self.visual = RunBroadcast(visual_runs, device, per_token)
+        self.visual = RunBroadcast(layout.run_lengths, device, per_token)
         self.text = RunBroadcast(layout.text_lengths, device, per_token)
+
+
+@dataclass
+class PrefixCache:
+    """Keys and values of the text and history tokens at every block, computed once per video unit.
+
+    Valid because under temporal-causal attention text sees only text and history sees only text and
+    earlier units, and both are conditioned on their own timesteps: nothing in them depends on the unit
+    being denoised.
+    """
+
+    layout: Layout
+    blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]  # (k_text, v_text, k_hist, v_hist)
 
 
 def rope_tables(positions: torch.Tensor, axes: list[int], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,16 +230,27 @@ class MMDiTBlock(nn.Module):
         self.text = Stream(cfg, pre_only=last)  # the last block's text output is never read
         self.visual = Stream(cfg)
 
-    def forward(self, x_text, x_visual, cond_text, cond_visual, ctx: Context):
+    def forward(self, x_text, x_visual, cond_text, cond_visual, ctx: Context, record: list | None = None):
         qt, kt, vt, mod_t = self.text.qkv_heads(x_text, cond_text, ctx.text, self.heads)
-        qv, kv, vv, mod_v = self.visual.qkv_heads(x_visual, cond_visual, ctx.visual, self.heads)
-        cos, sin = ctx.rope
-        qv, kv = apply_rope(qv, cos, sin), apply_rope(kv, cos, sin)
+        qv, kv, vv, mod_v = self._visual_qkv(x_visual, cond_visual, ctx)
+        if record is not None:
+            record.append((kt, vt, kv, vv))
         out_text, out_visual = attend((qt, kt, vt), (qv, kv, vv), ctx.plan)
         x_visual = self.visual.finish(x_visual, out_visual.flatten(-2), mod_v, ctx.visual)
         if not self.text.pre_only:
             x_text = self.text.finish(x_text, out_text.flatten(-2), mod_t, ctx.text)
         return x_text, x_visual
+
+    def _visual_qkv(self, x_visual, cond_visual, ctx: Context):
+        qv, kv, vv, mod_v = self.visual.qkv_heads(x_visual, cond_visual, ctx.visual, self.heads)
+        cos, sin = ctx.rope
+        return apply_rope(qv, cos, sin), apply_rope(kv, cos, sin), vv, mod_v
+
+    def forward_prefixed(self, x_visual, cond_visual, ctx: Context, cached: tuple[torch.Tensor, ...]):
+        """The visual stream of the predicted tokens only, attending to cached text and history keys/values."""
+        qv, kv, vv, mod_v = self._visual_qkv(x_visual, cond_visual, ctx)
+        out_visual = attend_prefixed((qv, kv, vv), cached, ctx.plan)
+        return self.visual.finish(x_visual, out_visual.flatten(-2), mod_v, ctx.visual)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -289,36 +314,60 @@ class MultiStageMMDiT(nn.Module):
         if batch.pooled.shape[-1] != cfg.pooled_dim:
             raise ValueError(f"pooled text is {batch.pooled.shape[-1]} wide; the model expects {cfg.pooled_dim}.")
 
-    def prepare(self, layout: Layout, device: torch.device, dtype: torch.dtype = torch.float32) -> Context:
+    def prepare(self, layout: Layout, device: torch.device, dtype: torch.dtype = torch.float32,
+                prefix: PrefixCache | None = None) -> Context:
         """Attention plan, RoPE tables and modulation layout for one batch (reusable across calls)."""
         cfg = self.config
-        backend = resolve_backend(cfg.attention, device, dtype)
-        plan = build_plan(layout, backend, cfg.temporal_causal, device)
+        if prefix is not None:
+            plan = build_prefix_plan(layout, prefix.layout, device)
+        else:
+            plan = build_plan(layout, resolve_backend(cfg.attention, device, dtype), cfg.temporal_causal, device)
         rope = rope_tables(layout.positions.to(device), cfg.axes(), cfg.rope_theta)
         return Context(layout, plan, rope, device, per_token=cfg.modulation == "per-token")
 
-    def forward(self, batch: PackedBatch, context: Context | None = None) -> torch.Tensor:
-        """batch -> velocity tokens (Nv, C * p * p), aligned with batch.visual."""
+    def forward(self, batch: PackedBatch, context: Context | None = None, prefix: PrefixCache | None = None,
+                record: list | None = None) -> torch.Tensor:
+        """batch -> velocity tokens (Nv, C * p * p), aligned with batch.visual.
+
+        prefix: text and history computed earlier by ``prefix_cache``; ``batch`` then holds only the predicted
+        latents (no history) of the same segments, and its text is not recomputed.
+        record: a list that receives every block's (k_text, v_text, k_visual, v_visual).
+        """
         self._check(batch)
         layout = batch.layout
         device = batch.visual.device
         ctx = context or self.prepare(layout, device, torch.get_autocast_dtype(device.type)
-                                      if torch.is_autocast_enabled(device.type) else batch.visual.dtype)
+                                      if torch.is_autocast_enabled(device.type) else batch.visual.dtype, prefix)
         run_segment = layout.run_segment.to(device)
         cond = self.time_mlp(timestep_embedding(batch.timestep)) + self.pooled_mlp(batch.pooled)[run_segment]
         cond = F.silu(cond)  # (R, D), shared by every modulation layer
-        cond_text = cond[layout.text_run.to(device)]  # (B, D)
-        x_text = self.text_in(batch.text)  # (Nt, D)
         x_visual = self.visual_in(batch.visual)  # (Nv, D)
-        n_checkpointed = round(self.config.checkpoint_fraction * len(self.blocks))
-        for i, block in enumerate(self.blocks):
-            if i < n_checkpointed and torch.is_grad_enabled():
-                x_text, x_visual = checkpoint(block, x_text, x_visual, cond_text, cond, ctx, use_reentrant=False)
-            else:
-                x_text, x_visual = block(x_text, x_visual, cond_text, cond, ctx)
+        if prefix is not None:
+            if not isinstance(ctx.plan, PrefixPlan):
+                raise ValueError("a prefix cache needs a context prepared with it: model.prepare(layout, device, prefix=cache).")
+            for block, cached in zip(self.blocks, prefix.blocks):
+                x_visual = block.forward_prefixed(x_visual, cond, ctx, cached)
+        else:
+            cond_text = cond[layout.text_run.to(device)]  # (B, D)
+            x_text = self.text_in(batch.text)  # (Nt, D)
+            n_checkpointed = round(self.config.checkpoint_fraction * len(self.blocks))
+            for i, block in enumerate(self.blocks):
+                if i < n_checkpointed and torch.is_grad_enabled():
+                    x_text, x_visual = checkpoint(block, x_text, x_visual, cond_text, cond, ctx, use_reentrant=False)
+                else:
+                    x_text, x_visual = block(x_text, x_visual, cond_text, cond, ctx, record)
         shift, scale = self.final_modulation(cond).chunk(2, dim=-1)
         h = ctx.visual.apply(_norm_modulate, (x_visual,), (shift, scale))
         return self.visual_out(h)  # (Nv, C * p * p)
+
+    @torch.no_grad()
+    def prefix_cache(self, prefix: PackedBatch) -> PrefixCache:
+        """Run the text and history of a video unit once and keep every block's keys and values."""
+        if not self.config.temporal_causal:
+            raise ValueError("a history cache needs model.temporal_causal: true (history must not see the unit).")
+        record: list = []
+        self.forward(prefix, record=record)
+        return PrefixCache(prefix.layout, record)
 
     # ----- persistence -----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:

@@ -5,7 +5,12 @@ along one token axis; attention stays inside a segment. The model keeps two stre
 visual, with separate weights), so a PackedBatch holds the text tokens of all segments in one tensor
 and the visual tokens in another, both in the same segment order.
 
-Segments are reordered so that segments with the same visual shape sit next to each other (a
+A video segment may also carry *history* (earlier units at lower resolutions, see pyraflow.video): its
+visual tokens are then the history parts, oldest first, followed by the predicted latent, each part with
+its own conditioning run (timestep) and causal index. Only the predicted tokens are returned by
+``unpack`` and enter the loss.
+
+Segments are reordered so that segments with the same visual layout sit next to each other (a
 *group*). Within a group every segment's visual tokens can be viewed as one (G, L, D) tensor, which
 lets conditioning broadcast per segment instead of being copied to every token, and lets attention
 batch the group without a dense mask. ``PackedBatch.order`` remembers the caller's order.
@@ -19,19 +24,38 @@ This module imports no other pyraflow module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from einops import rearrange
 
 
 @dataclass
+class HistoryPart:
+    """Earlier video frames a segment is conditioned on, at some stage's resolution (see pyraflow.video).
+
+    latent: (C, T, h, w) at ``stage``'s resolution; timestep: its noise level on the model's axis;
+    first_frame: absolute index of its first frame (the RoPE t coordinate); unit: its causal index.
+    """
+
+    stage: int
+    latent: torch.Tensor
+    timestep: float
+    first_frame: int
+    unit: int
+
+
+@dataclass
 class Sample:
     """One sample as the model sees it.
 
-    latent: (C, T, H, W) at the sample's stage resolution (an image has T = 1).
+    latent: (C, T, H, W) at the sample's stage resolution (an image has T = 1): the frames predicted.
     text: (L, D_text) token states; pooled: (D_pooled,).
-    timestep: a scalar, or (T,) with one timestep per frame (e.g. a clean-ish history plus a noisy unit).
+    timestep: a scalar, or (T,) with one timestep per frame.
+    history: earlier frames placed before ``latent`` in the segment, oldest first (video units).
+    first_frame: absolute index of the latent's first frame.
+    unit: causal index of the latent. None: each frame is its own causal step (frame index); set, all
+    frames of the latent share it and every history part must have a smaller unit.
     """
 
     stage: int
@@ -39,22 +63,19 @@ class Sample:
     text: torch.Tensor
     pooled: torch.Tensor
     timestep: torch.Tensor | float
+    history: list[HistoryPart] = field(default_factory=list)
+    first_frame: int = 0
+    unit: int | None = None
 
 
 @dataclass(frozen=True)
 class Group:
-    """Consecutive packed segments with the same visual shape."""
+    """Consecutive packed segments with the same visual layout (parts, shapes and runs)."""
 
     segments: range  # packed segment indices
-    grid: tuple[int, int, int]  # (T, H/p, W/p) tokens per axis
+    signature: tuple  # what makes segments alike: per part (stage, grid, runs)
+    visual_length: int  # visual tokens per segment
     visual_start: int  # first visual token of the group
-    run_start: int  # first conditioning run of the group
-    runs_per_segment: int  # 1 (one timestep per segment) or T (one per frame)
-
-    @property
-    def visual_length(self) -> int:
-        t, h, w = self.grid
-        return t * h * w
 
 
 @dataclass
@@ -65,14 +86,16 @@ class Layout:
     patch_size: int
     order: list[int]  # packed segment i holds caller's sample order[i]
     stages: list[int]
-    shapes: list[tuple[int, int, int, int]]  # (C, T, H, W) per packed segment
+    shapes: list[tuple[int, int, int, int]]  # (C, T, H, W) of the predicted latent per packed segment
     text_lengths: list[int]
-    visual_lengths: list[int]
+    visual_lengths: list[int]  # history + predicted tokens per segment
+    history_lengths: list[int]  # visual tokens of history, placed first in each segment
     text_offsets: list[int]  # len B + 1
     visual_offsets: list[int]  # len B + 1
     groups: list[Group]
     positions: torch.Tensor  # (Nv, 3) float (t, h, w) in full-resolution token units
-    frame: torch.Tensor  # (Nv,) long frame index of each visual token
+    frame: torch.Tensor  # (Nv,) long causal time index of each visual token (frame, or unit for video units)
+    run_lengths: list[int]  # visual tokens of each conditioning run, in stream order
     run_segment: torch.Tensor  # (R,) long segment of each conditioning run
     text_run: torch.Tensor  # (B,) long the run whose conditioning the segment's text stream uses
 
@@ -87,6 +110,11 @@ class Layout:
     @property
     def num_visual(self) -> int:
         return self.visual_offsets[-1]
+
+    def predicted_index(self) -> torch.Tensor:
+        """Visual-stream indices of the predicted (non-history) tokens, segment by segment."""
+        return torch.cat([torch.arange(self.visual_offsets[b] + self.history_lengths[b], self.visual_offsets[b + 1])
+                          for b in range(self.num_segments)])
 
     def cu_seqlens(self) -> torch.Tensor:
         """(B + 1,) int32 offsets of the joint [text; visual] segments, as flash-attn varlen expects."""
@@ -120,11 +148,11 @@ def unpatchify(tokens: torch.Tensor, shape: tuple[int, int, int, int], patch_siz
     return rearrange(tokens, "(t h w) (c p q) -> c t (h p) (w q)", t=t, h=h // p, w=w // p, p=p, q=p, c=c)
 
 
-def token_positions(grid: tuple[int, int, int], downsample: int) -> torch.Tensor:
+def token_positions(grid: tuple[int, int, int], downsample: int, first_frame: int = 0) -> torch.Tensor:
     """(T*h*w, 3) positions (t, h, w) of a stage's tokens in full-resolution token units."""
     t, h, w = grid
     ft, fh, fw = torch.meshgrid(
-        torch.arange(t, dtype=torch.float32),
+        torch.arange(t, dtype=torch.float32) + first_frame,
         (torch.arange(h, dtype=torch.float32) + 0.5) * downsample - 0.5,
         (torch.arange(w, dtype=torch.float32) + 0.5) * downsample - 0.5,
         indexing="ij",
@@ -132,16 +160,13 @@ def token_positions(grid: tuple[int, int, int], downsample: int) -> torch.Tensor
     return torch.stack([ft, fh, fw], dim=-1).reshape(-1, 3)
 
 
-def _check(i: int, s: Sample, num_stages: int, patch_size: int, channels: int | None, text_dim: int | None,
-           pooled_dim: int | None) -> None:
-    where = f"sample {i} (stage {s.stage})"
-    if not 0 <= s.stage < num_stages:
+def _check_latent(where: str, latent: torch.Tensor, stage: int, num_stages: int, patch_size: int,
+                  channels: int | None) -> None:
+    if not 0 <= stage < num_stages:
         raise ValueError(f"{where}: stage must be in 0..{num_stages - 1}.")
-    if s.latent.dim() != 4:
-        raise ValueError(
-            f"{where}: latent has shape {tuple(s.latent.shape)}; expected (C, T, H, W) (an image has T = 1)."
-        )
-    c, t, h, w = s.latent.shape
+    if latent.dim() != 4:
+        raise ValueError(f"{where}: latent has shape {tuple(latent.shape)}; expected (C, T, H, W) (an image has T = 1).")
+    c, t, h, w = latent.shape
     if channels is not None and c != channels:
         raise ValueError(f"{where}: latent has {c} channels but the model expects {channels}.")
     if h < patch_size or w < patch_size or h % patch_size or w % patch_size:
@@ -149,6 +174,13 @@ def _check(i: int, s: Sample, num_stages: int, patch_size: int, channels: int | 
             f"{where}: latent of {h}x{w} is not a whole number of {patch_size}x{patch_size} patches; "
             f"height and width must be positive multiples of the patch size."
         )
+
+
+def _check(i: int, s: Sample, num_stages: int, patch_size: int, channels: int | None, text_dim: int | None,
+           pooled_dim: int | None) -> None:
+    where = f"sample {i} (stage {s.stage})"
+    _check_latent(where, s.latent, s.stage, num_stages, patch_size, channels)
+    c, t, h, w = s.latent.shape
     if s.text.dim() != 2 or s.text.shape[0] < 1:
         raise ValueError(f"{where}: text has shape {tuple(s.text.shape)}; expected (L, D_text) with L >= 1.")
     if text_dim is not None and s.text.shape[1] != text_dim:
@@ -160,6 +192,13 @@ def _check(i: int, s: Sample, num_stages: int, patch_size: int, channels: int | 
     n = torch.as_tensor(s.timestep).numel()
     if n not in (1, t):
         raise ValueError(f"{where}: {n} timesteps for {t} frames; give one timestep or one per frame.")
+    if s.history and s.unit is None:
+        raise ValueError(f"{where}: a sample with history needs its unit (causal index) set.")
+    units = [part.unit for part in s.history] + ([s.unit] if s.unit is not None else [])
+    if any(a >= b for a, b in zip(units, units[1:])):
+        raise ValueError(f"{where}: history units {units[:-1]} must increase and stay below the sample's unit {s.unit}.")
+    for j, part in enumerate(s.history):
+        _check_latent(f"{where}, history part {j}", part.latent, part.stage, num_stages, patch_size, c)
 
 
 def pack(
@@ -176,42 +215,62 @@ def pack(
     for i, s in enumerate(samples):
         _check(i, s, num_stages, patch_size, channels, text_dim, pooled_dim)
 
-    def key(i: int):
-        s = samples[i]
-        runs = torch.as_tensor(s.timestep).numel()
-        return (tuple(s.latent.shape[1:]), runs, s.text.shape[0])
+    def signature(s: Sample) -> tuple:
+        parts = [(p.stage, tuple(p.latent.shape[1:]), 1) for p in s.history]
+        return tuple(parts + [(s.stage, tuple(s.latent.shape[1:]), torch.as_tensor(s.timestep).numel())])
 
-    order = sorted(range(len(samples)), key=key)
+    order = sorted(range(len(samples)), key=lambda i: (signature(samples[i]), samples[i].text.shape[0]))
     visual, text, pooled, timestep, positions, frames = [], [], [], [], [], []
-    shapes, stages, text_lengths, visual_lengths, run_segment, text_run = [], [], [], [], [], []
+    shapes, stages, text_lengths, visual_lengths, history_lengths = [], [], [], [], []
+    run_lengths, run_segment, text_run = [], [], []
     groups: list[Group] = []
     visual_offset = run_offset = 0
     for b, i in enumerate(order):
         s = samples[i]
         c, t, h, w = s.latent.shape
-        grid = (t, h // patch_size, w // patch_size)
         steps = torch.as_tensor(s.timestep, dtype=torch.float32).reshape(-1)
-        runs = steps.numel()
-        if not groups or groups[-1].grid != grid or groups[-1].runs_per_segment != runs:
-            groups.append(Group(range(b, b + 1), grid, visual_offset, run_offset, runs))
-        else:
-            g = groups[-1]
-            groups[-1] = Group(range(g.segments.start, b + 1), g.grid, g.visual_start, g.run_start, runs)
+        start = visual_offset
+        for part in s.history:  # oldest first, one conditioning run each
+            tokens = patchify(part.latent, patch_size)
+            grid = (part.latent.shape[1], part.latent.shape[2] // patch_size, part.latent.shape[3] // patch_size)
+            visual.append(tokens)
+            timestep.append(torch.tensor([float(part.timestep)]))
+            positions.append(token_positions(grid, 2 ** (num_stages - 1 - part.stage), part.first_frame))
+            frames.append(torch.full((tokens.shape[0],), part.unit))
+            run_lengths.append(tokens.shape[0])
+            visual_offset += tokens.shape[0]
+        history_lengths.append(visual_offset - start)
+        grid = (t, h // patch_size, w // patch_size)
         tokens = patchify(s.latent, patch_size)
         visual.append(tokens)
+        timestep.append(steps)
+        positions.append(token_positions(grid, 2 ** (num_stages - 1 - s.stage), s.first_frame))
+        per_frame = grid[1] * grid[2]
+        if s.unit is None:
+            frames.append((torch.arange(t) + s.first_frame).repeat_interleave(per_frame))
+        else:
+            frames.append(torch.full((tokens.shape[0],), s.unit))
+        run_lengths += [tokens.shape[0] // steps.numel()] * steps.numel()
+        visual_offset += tokens.shape[0]
+        runs = len(s.history) + steps.numel()
+        run_segment.extend([b] * runs)
+        # Text follows the segment's first run: for video that is the oldest history, which stays fixed while a
+        # unit is denoised, so text and history keys/values can be cached (see MultiStageMMDiT.prefix_cache).
+        text_run.append(run_offset)
+        run_offset += runs
+        sig = signature(s)
+        length = visual_offset - start
+        if groups and groups[-1].signature == sig:
+            g = groups[-1]
+            groups[-1] = Group(range(g.segments.start, b + 1), sig, length, g.visual_start)
+        else:
+            groups.append(Group(range(b, b + 1), sig, length, start))
         text.append(s.text)
         pooled.append(s.pooled)
-        timestep.append(steps)
-        positions.append(token_positions(grid, 2 ** (num_stages - 1 - s.stage)))
-        frames.append(torch.arange(t).repeat_interleave(grid[1] * grid[2]))
         shapes.append((c, t, h, w))
         stages.append(s.stage)
         text_lengths.append(s.text.shape[0])
-        visual_lengths.append(tokens.shape[0])
-        run_segment.extend([b] * runs)
-        text_run.append(run_offset + runs - 1)  # text follows the newest frame's timestep
-        visual_offset += tokens.shape[0]
-        run_offset += runs
+        visual_lengths.append(length)
 
     def offsets(lengths: list[int]) -> list[int]:
         out = [0]
@@ -227,11 +286,13 @@ def pack(
         shapes=shapes,
         text_lengths=text_lengths,
         visual_lengths=visual_lengths,
+        history_lengths=history_lengths,
         text_offsets=offsets(text_lengths),
         visual_offsets=offsets(visual_lengths),
         groups=groups,
         positions=torch.cat(positions),
         frame=torch.cat(frames),
+        run_lengths=run_lengths,
         run_segment=torch.tensor(run_segment, dtype=torch.long),
         text_run=torch.tensor(text_run, dtype=torch.long),
     )
@@ -245,11 +306,18 @@ def pack(
 
 
 def unpack(tokens: torch.Tensor, layout: Layout, channels: int | None = None) -> list[torch.Tensor]:
-    """Model output (Nv, C' * p * p) -> list of (C', T, H, W) in the caller's original sample order."""
+    """Model output -> list of (C', T, H, W) predicted latents (history dropped), in the caller's sample order.
+
+    tokens: (Nv, C' * p * p) over every visual token, or (N_predicted, ...) over the predicted ones only.
+    """
+    full = tokens.shape[0] == layout.num_visual
     out: list[torch.Tensor | None] = [None] * layout.num_segments
+    start = 0
     for b, i in enumerate(layout.order):
         c, t, h, w = layout.shapes[b]
         c = channels or c
-        piece = tokens[layout.visual_offsets[b] : layout.visual_offsets[b + 1]]
-        out[i] = unpatchify(piece, (c, t, h, w), layout.patch_size)
+        n = layout.visual_lengths[b] - layout.history_lengths[b]
+        first = layout.visual_offsets[b] + layout.history_lengths[b] if full else start
+        out[i] = unpatchify(tokens[first : first + n], (c, t, h, w), layout.patch_size)
+        start += n
     return out  # type: ignore[return-value]

@@ -10,10 +10,11 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from pyraflow.batching import TokenBudgetBatcher, build_mix
+from pyraflow.batching import TokenBudgetBatcher
 from pyraflow.config import Config
 from pyraflow.model import estimate_activation_bytes
 from pyraflow.schedule import PyramidSchedule
+from pyraflow.video import example_classes
 
 
 def schedule_report(schedule: PyramidSchedule) -> dict:
@@ -41,22 +42,33 @@ def simulate(config: Config, steps: int, world_size: int = 1, progress: bool = F
     if steps < 1:
         raise ValueError(f"--steps {steps} must be >= 1.")
     k = config.schedule.stages
-    mix = build_mix(config.batching.mix, k)
-    segment_tokens = config.stage_segment_tokens()
-    batcher = TokenBudgetBatcher(config.batching, segment_tokens, mix, config.data.planned_size(), 0, world_size)
+    classes = example_classes(config)  # one per stage, or per (stage, unit) for video units
+    class_stage = np.asarray(classes.stages)
+    class_tokens = np.asarray(classes.segment_tokens, dtype=np.float64)
+    batcher = TokenBudgetBatcher(config.batching, classes.segment_tokens, classes.mix, config.data.planned_size(), 0,
+                                 world_size, [classes.name(c) for c in range(len(class_stage))])
+
+    def per_stage(values: np.ndarray) -> np.ndarray:
+        return np.bincount(class_stage, weights=values, minlength=k)
+
     tokens = np.zeros(steps)
     counts = np.zeros((steps, k))
+    stage_tokens = np.zeros((steps, k))
     target = np.zeros((steps, k))
     activation = np.zeros(steps)
     for i in tqdm(range(steps), desc="simulating batches", disable=not progress, leave=False):
-        target[i] = mix.ratio(i)
+        target[i] = per_stage(classes.mix.ratio(i))
         batch = batcher.next_batch()
         tokens[i] = batch.tokens
-        counts[i] = batch.counts
-        lengths = [segment_tokens[s] for s in batch.stages]
-        activation[i] = estimate_activation_bytes(config.model, lengths)
-    unit = np.ones(k) if config.batching.ratio_unit == "samples" else np.asarray(segment_tokens, dtype=np.float64)
-    realised = (counts * unit).sum(0) / (counts * unit).sum()
+        class_counts = np.asarray(batch.counts, dtype=np.float64)
+        counts[i] = per_stage(class_counts)
+        stage_tokens[i] = per_stage(class_counts * class_tokens)
+        activation[i] = estimate_activation_bytes(config.model, [classes.segment_tokens[c] for c in batch.stages])
+    segment_tokens = [float(stage_tokens[:, s].sum() / max(counts[:, s].sum(), 1)) for s in range(k)]
+    if config.batching.ratio_unit == "samples":
+        realised = counts.sum(0) / counts.sum()
+    else:
+        realised = stage_tokens.sum(0) / stage_tokens.sum()
     samples = counts.sum(1)
     return {
         "steps": steps,
@@ -69,7 +81,7 @@ def simulate(config: Config, steps: int, world_size: int = 1, progress: bool = F
                 "target_ratio": float(target[:, s].mean()),
                 "realised_ratio": float(realised[s]),
                 "samples_per_batch_mean": float(counts[:, s].mean()),
-                "tokens_per_batch_mean": float((counts[:, s] * segment_tokens[s]).mean()),
+                "tokens_per_batch_mean": float(stage_tokens[:, s].mean()),
             }
             for s in range(k)
         ],
@@ -116,7 +128,7 @@ def format_report(report: dict) -> str:
         t_max, t_min = st["timestep_window"]
         lines.append(
             f"{st['stage']:>5} {st['downsample']:>3}x {st['sigma_start']:>11.4f} {st['sigma_end']:>9.4f} "
-            f"{t_max:>8.1f}->{t_min:>7.1f} {st['segment_tokens']:>6} {st['target_ratio']:>7.3f} "
+            f"{t_max:>8.1f}->{t_min:>7.1f} {st['segment_tokens']:>6.0f} {st['target_ratio']:>7.3f} "
             f"{st['realised_ratio']:>8.3f} {st['samples_per_batch_mean']:>9.2f} {st['tokens_per_batch_mean']:>8.1f}"
         )
     t = report["tokens_per_step"]

@@ -9,6 +9,7 @@ stays as in the demo; flat sampling gets the pyramid's total number of Euler ste
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -21,24 +22,33 @@ STUDY_VARIANTS = {
 }
 
 
-def quality_study(out_dir: str | Path, minutes: float = 10.0, seed: int = 0, num_eval: int = 200,
-                  progress: bool = True) -> dict:
+def quality_study(out_dir: str | Path, minutes: float = 10.0, seeds: list[int] | tuple[int, ...] = (0,),
+                  num_eval: int = 200, progress: bool = True) -> dict:
+    """Train and evaluate every variant for ``minutes`` with each seed (seed-major, so an interrupted study
+    still holds whole seeds); report each run and the mean over seeds."""
     from pyraflow.config import load_config
     from pyraflow.evaluation import evaluate
     from pyraflow.training import run_training
 
     out_dir = Path(out_dir)
-    rows = {}
-    for name, overrides in STUDY_VARIANTS.items():
-        config = load_config(None, overrides + [f"train.seed={seed}", "train.steps=1000000",
-                                                f"train.time_limit_minutes={minutes}", "train.sample_every=0",
-                                                "train.checkpoint_every=0"])
-        started = time.perf_counter()
-        summary = run_training(config, out_dir / name, progress=progress)
-        result = evaluate(out_dir / name, num=num_eval, seed=seed, progress=progress)
-        rows[name] = {"steps": summary["steps"], "train_minutes": (time.perf_counter() - started) / 60,
-                      "fid_efficientnet_lite0": result["fid_efficientnet_lite0"], "digit_accuracy": result["digit_accuracy"],
-                      "classifier_heldout_accuracy": result["classifier_heldout_accuracy"], "run_dir": str(out_dir / name)}
-    best = min(rows, key=lambda n: rows[n]["fid_efficientnet_lite0"])
-    return {"minutes_per_variant": minutes, "seed": seed, "eval_samples": num_eval, "variants": rows,
+    runs: dict[str, list[dict]] = {name: [] for name in STUDY_VARIANTS}
+    for seed in seeds:
+        for name, overrides in STUDY_VARIANTS.items():
+            config = load_config(None, overrides + [f"train.seed={seed}", f"batching.seed={seed}", "train.steps=1000000",
+                                                    f"train.time_limit_minutes={minutes}", "train.sample_every=0",
+                                                    "train.checkpoint_every=0"])
+            run_dir = out_dir / f"seed{seed}" / name
+            started = time.perf_counter()
+            summary = run_training(config, run_dir, progress=progress)
+            result = evaluate(run_dir, num=num_eval, seed=seed, progress=progress)
+            runs[name].append({"seed": seed, "steps": summary["steps"], "train_minutes": (time.perf_counter() - started) / 60,
+                               "fid_efficientnet_lite0": result["fid_efficientnet_lite0"],
+                               "digit_accuracy": result["digit_accuracy"],
+                               "classifier_heldout_accuracy": result["classifier_heldout_accuracy"], "run_dir": str(run_dir)})
+    rows = {name: {"runs": r,
+                   "fid_mean": statistics.mean(x["fid_efficientnet_lite0"] for x in r),
+                   "digit_accuracy_mean": statistics.mean(x["digit_accuracy"] for x in r)}
+            for name, r in runs.items()}
+    best = min(rows, key=lambda n: rows[n]["fid_mean"])
+    return {"minutes_per_variant": minutes, "seeds": list(seeds), "eval_samples": num_eval, "variants": rows,
             "best_fid": best}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pyraflow.batching import TokenBudgetBatcher, build_mix
+from pyraflow.batching import TokenBudgetBatcher
 from pyraflow.checkpoint import load_tensors, load_trainer_state, resolve_checkpoint, save_tensors, write_checkpoint
 from pyraflow.config import Config, load_config, to_yaml
 from pyraflow.model import MultiStageMMDiT
@@ -25,6 +25,7 @@ from pyraflow.packing import Sample, pack, patchify
 from pyraflow.sampling import Pipeline
 from pyraflow.parallelize import DistributedInfo, barrier, full_tensor, init_distributed, parallelize, unwrap
 from pyraflow.schedule import PyramidSchedule
+from pyraflow.video import example_classes, unit_spans, unit_training_samples
 
 log = logging.getLogger("pyraflow.train")
 
@@ -183,9 +184,11 @@ class Trainer:
         self.ema = [p.detach().clone().float() for p in self.params]
         self.optimizer = make_optimizer(self.params, tc.lr, tc.weight_decay, info.enabled and tc.parallel == "fsdp")
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(tc, s))
-        self.mix = build_mix(config.batching.mix, config.schedule.stages)
-        self.batcher = TokenBudgetBatcher(config.batching, config.stage_segment_tokens(), self.mix, len(self.data),
-                                          info.rank, info.world_size)
+        self.classes = example_classes(config)
+        self.mix = self.classes.mix
+        self.batcher = TokenBudgetBatcher(config.batching, self.classes.segment_tokens, self.mix, len(self.data),
+                                          info.rank, info.world_size,
+                                          [self.classes.name(c) for c in range(len(self.classes.stages))])
         self.generator = torch.Generator().manual_seed(tc.seed * 7919 + info.rank)
         self.step = 0
         self.bad_steps = self.consecutive_bad = 0
@@ -212,22 +215,32 @@ class Trainer:
 
     # ----- one step ---------------------------------------------------------------------------------
     def _micro_batch(self):
-        """One token-budget batch -> (packed inputs, target tokens, packed stage of each segment, token count)."""
+        """One token-budget batch -> (packed inputs, targets of the predicted tokens, token count)."""
         batch = self.batcher.next_batch()
         ids = torch.tensor(batch.sample_ids)
-        stages = torch.tensor(batch.stages)
+        stages = torch.tensor([self.classes.stages[c] for c in batch.stages])
         clean = self.data.latents[ids]
         g = self.generator
-        noise = torch.randn(clean.shape, generator=g)
-        r = self.schedule.sample_r(len(ids), g)
-        drop = torch.rand(len(ids), generator=g) < self.config.train.text_dropout
-        null_text, null_pooled = self.null.item(0)
-        samples, targets = [], []
-        for pair in self.schedule.training_pairs(stages, clean, noise, r):
-            for j, row in enumerate(pair.indices.tolist()):
-                text, pooled = (null_text, null_pooled) if drop[row] else self.data.text(batch.sample_ids[row])
-                samples.append(Sample(pair.stage, pair.input[j], text, pooled, pair.timestep[j]))
-                targets.append(pair.target[j])
+        null = self.null.item(0)
+
+        def captions() -> list:
+            drop = torch.rand(len(ids), generator=g) < self.config.train.text_dropout
+            return [null if drop[row] else self.data.text(i) for row, i in enumerate(batch.sample_ids)]
+
+        if self.config.video_units():
+            units = torch.tensor([self.classes.units[c] for c in batch.stages])
+            spans = unit_spans(self.config.data.frames, self.config.video.unit_frames)
+            samples, targets = unit_training_samples(self.schedule, clean, stages, units, spans, self.config.video,
+                                                     captions(), g)
+        else:
+            noise = torch.randn(clean.shape, generator=g)
+            r = self.schedule.sample_r(len(ids), g)
+            texts = captions()
+            samples, targets = [], []
+            for pair in self.schedule.training_pairs(stages, clean, noise, r):
+                for j, row in enumerate(pair.indices.tolist()):
+                    samples.append(Sample(pair.stage, pair.input[j], *texts[row], pair.timestep[j]))
+                    targets.append(pair.target[j])
         m = self.config.model
         packed = pack(samples, self.schedule.num_stages, m.patch_size, m.in_channels, m.text_dim, m.pooled_dim)
         target = torch.cat([patchify(targets[i], m.patch_size) for i in packed.layout.order])
@@ -235,10 +248,13 @@ class Trainer:
         return packed.to(self.info.device), target.to(self.info.device), tokens
 
     def _loss(self, packed, target):
+        """Mean over samples of each sample's mean squared error on its predicted (non-history) tokens."""
         with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             out = self.wrapped(packed)
         layout = packed.layout
-        lengths = torch.tensor(layout.visual_lengths, device=out.device)
+        if any(layout.history_lengths):
+            out = out[layout.predicted_index().to(out.device)]
+        lengths = torch.tensor([v - h for v, h in zip(layout.visual_lengths, layout.history_lengths)], device=out.device)
         segment = torch.repeat_interleave(torch.arange(len(lengths), device=out.device), lengths)
         per_token = (out.float() - target).square().mean(-1)
         per_sample = torch.zeros(len(lengths), device=out.device).index_add_(0, segment, per_token) / lengths
@@ -353,7 +369,7 @@ class Trainer:
 
         path = resolve_checkpoint(self.out)
         saved = load_config(path / "run.yaml")
-        for section in ("model", "schedule", "data", "text", "latent"):
+        for section in ("model", "schedule", "data", "text", "latent", "video"):
             if getattr(saved, section) != getattr(self.config, section):
                 raise ValueError(
                     f"the config's '{section}' section differs from the run in {self.out} (see {path / 'run.yaml'}); "
