@@ -218,9 +218,10 @@ def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = 204
     return 2 * size**3 / best / 1e9
 
 
-def sampling_comparison(device: torch.device, images: int = 16, total_steps: int = 30) -> dict:
+def sampling_comparison(device: torch.device, images: int = 16, total_steps: int = 30, repeats: int = 2) -> dict:
     """Wall time of 3-stage pyramidal sampling against flat full-resolution flow sampling with the same
-    total number of Euler steps and the same model (standard config, 32x32 latents, guidance on)."""
+    total number of Euler steps and the same model (standard config, 32x32 latents, guidance on);
+    alternated, median over ``repeats`` runs each."""
     from pyraflow.sampling import sample_pyramid
     from pyraflow.schedule import PyramidSchedule, ScheduleConfig
     from pyraflow.text import TextEmbedding
@@ -230,15 +231,19 @@ def sampling_comparison(device: torch.device, images: int = 16, total_steps: int
     g = torch.Generator().manual_seed(0)
     text = TextEmbedding(torch.randn(images, 24, 384, generator=g), torch.full((images,), 24), torch.randn(images, 384, generator=g))
     null = TextEmbedding(torch.zeros(1, 2, 384), torch.tensor([2]), torch.zeros(1, 384))
-    result = {"images": images, "total_steps": total_steps, "latent": [4, 1, 32, 32]}
-    for name, stages in (("pyramid", 3), ("flat", 1)):
-        schedule = PyramidSchedule(ScheduleConfig(stages=stages))
-        steps = [total_steps // stages] * stages
-        start = time.perf_counter()
-        _, per_stage = sample_pyramid(model, schedule, text, null, (4, 1, 32, 32), steps, 3.0,
-                                      torch.Generator().manual_seed(1), device)
-        result[f"{name}_s"] = time.perf_counter() - start
-        result[f"{name}_stage_s"] = per_stage
+    result = {"images": images, "total_steps": total_steps, "latent": [4, 1, 32, 32], "repeats": repeats}
+    runs: dict[str, list[tuple[float, list[float]]]] = {"pyramid": [], "flat": []}
+    for _ in range(repeats):
+        for name, stages in (("pyramid", 3), ("flat", 1)):
+            schedule = PyramidSchedule(ScheduleConfig(stages=stages))
+            steps = [total_steps // stages] * stages
+            start = time.perf_counter()
+            _, per_stage = sample_pyramid(model, schedule, text, null, (4, 1, 32, 32), steps, 3.0,
+                                          torch.Generator().manual_seed(1), device)
+            runs[name].append((time.perf_counter() - start, per_stage))
+    for name, rs in runs.items():
+        result[f"{name}_s"] = statistics.median(t for t, _ in rs)
+        result[f"{name}_stage_s"] = [statistics.median(p[k] for _, p in rs) for k in range(len(rs[0][1]))]
     result["ratio"] = result["flat_s"] / result["pyramid_s"]
     return result
 

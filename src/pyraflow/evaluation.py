@@ -167,7 +167,7 @@ def evaluate(checkpoint: str | Path, num: int = 200, seed: int = 0, steps: int |
         prompts = [caption_for_digit(d) for d in digits]
     else:
         data = encode_dataset(config.data, pipeline.text_encoder, pipeline.latent_space)
-        prompts = [data.captions[i % len(data)] for i in range(num)]
+        prompts = [data.captions[(i * len(data)) // num % len(data)] for i in range(num)]  # spread over the dataset
     step_list = [steps] * pipeline.schedule.num_stages if steps else None
     started = time.perf_counter()
     chunks = []
