@@ -158,13 +158,28 @@ def build_row_plan(layout: Layout, rows: list[list[int]], device: torch.device) 
     return plan
 
 
+def _valid_keys(text_lengths: list[int], others: int) -> torch.Tensor:
+    """(G, Lt + others) bool: each segment's text padded to the group's longest text Lt, then ``others``
+    tokens that are all real."""
+    lt = max(text_lengths)
+    valid = torch.arange(lt + others)[None, :] < torch.tensor(text_lengths)[:, None]
+    valid[:, lt:] = True
+    return valid
+
+
+def _text_batch(text: torch.Tensor, text_lengths: list[int], padded: bool) -> torch.Tensor:
+    """A group's text tokens (sum of lengths, H, Dh) -> (G, Lt, H, Dh), zero-padded where lengths differ."""
+    if padded:
+        return torch.nn.utils.rnn.pad_sequence(text.split(text_lengths), batch_first=True)
+    return text.view(len(text_lengths), -1, *text.shape[1:])
+
+
 def _build_grouped(plan: AttentionPlan, layout: Layout, device: torch.device) -> None:
     for group in layout.groups:
         first, last = group.segments.start, group.segments.stop
         text_lengths = layout.text_lengths[first:last]
         count, lt, lv = len(text_lengths), max(text_lengths), group.visual_length
-        valid = torch.arange(lt + lv)[None, :] < torch.tensor(text_lengths)[:, None]
-        valid[:, lt:] = True  # (G, L): text padded to the group's longest, then the visual tokens
+        valid = _valid_keys(text_lengths, lv)
         if plan.causal:
             v0 = layout.visual_offsets[first]
             frame = torch.cat([torch.full((lt,), -1), layout.frame[v0 : v0 + lv]])
@@ -196,10 +211,7 @@ def _grouped(text: tuple[torch.Tensor, ...], visual: tuple[torch.Tensor, ...], p
     for i, g in enumerate(plan.groups):
         joint = []
         for t, v in zip(text_parts, visual_parts):
-            if g.padded:
-                t_part = torch.nn.utils.rnn.pad_sequence(t[i].split(g.text_lengths), batch_first=True)  # (G, Lt, H, Dh)
-            else:
-                t_part = t[i].view(g.count, g.text_max, heads, dim)
+            t_part = _text_batch(t[i], g.text_lengths, g.padded)
             joint.append(torch.cat([t_part, v[i].view(g.count, -1, heads, dim)], dim=1).transpose(1, 2))
         o = F.scaled_dot_product_attention(*joint, attn_mask=g.mask).transpose(1, 2)  # (G, L, H, Dh)
         visual_out.append(o[:, g.text_max :].reshape(-1, heads, dim))
@@ -248,11 +260,7 @@ def build_prefix_plan(layout: Layout, prefix: Layout, device: torch.device) -> P
             raise ValueError("segments of one group have histories of different lengths; give them equal histories.")
         text_lengths = layout.text_lengths[first:last]
         lt, lh, lv = max(text_lengths), history.pop(), group.visual_length
-        mask = None
-        if min(text_lengths) != lt:
-            valid = torch.arange(lt + lh + lv)[None, :] < torch.tensor(text_lengths)[:, None]
-            valid[:, lt:] = True
-            mask = valid[:, None, None, :].to(device)
+        mask = None if min(text_lengths) == lt else _valid_keys(text_lengths, lh + lv)[:, None, None, :].to(device)
         groups.append(PrefixGroup(
             text=(layout.text_offsets[first], layout.text_offsets[last]),
             history=(prefix.visual_offsets[first], prefix.visual_offsets[last]),
@@ -275,9 +283,7 @@ def attend_prefixed(visual: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
             return x[span[0] : span[1]].reshape(g.count, -1, heads, dim)
 
         def text_part(x):
-            if g.mask is None:
-                return view(x, g.text)
-            return torch.nn.utils.rnn.pad_sequence(x[g.text[0] : g.text[1]].split(g.text_lengths), batch_first=True)
+            return _text_batch(x[g.text[0] : g.text[1]], g.text_lengths, g.mask is not None)
 
         keys = torch.cat([text_part(k_text), view(k_hist, g.history), view(k, g.visual)], dim=1).transpose(1, 2)
         values = torch.cat([text_part(v_text), view(v_hist, g.history), view(v, g.visual)], dim=1).transpose(1, 2)

@@ -218,19 +218,27 @@ def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = 204
     return 2 * size**3 / best / 1e9
 
 
+def _sampling_fixture(device: torch.device, captions: int, **model_overrides):
+    """The standard model (seeded) in eval mode, ``captions`` random 24-token captions and a null caption."""
+    from pyraflow.text import TextEmbedding
+
+    torch.manual_seed(0)
+    model = MultiStageMMDiT(standard_model_config(attention="auto", **model_overrides)).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    text = TextEmbedding(torch.randn(captions, 24, 384, generator=g), torch.full((captions,), 24),
+                         torch.randn(captions, 384, generator=g))
+    null = TextEmbedding(torch.zeros(1, 2, 384), torch.tensor([2]), torch.zeros(1, 384))
+    return model, text, null
+
+
 def sampling_comparison(device: torch.device, images: int = 16, total_steps: int = 30, repeats: int = 2) -> dict:
     """Wall time of 3-stage pyramidal sampling against flat full-resolution flow sampling with the same
     total number of Euler steps and the same model (standard config, 32x32 latents, guidance on);
     alternated, median over ``repeats`` runs each."""
     from pyraflow.sampling import sample_pyramid
     from pyraflow.schedule import PyramidSchedule, ScheduleConfig
-    from pyraflow.text import TextEmbedding
 
-    torch.manual_seed(0)
-    model = MultiStageMMDiT(standard_model_config(attention="auto")).to(device).eval()
-    g = torch.Generator().manual_seed(0)
-    text = TextEmbedding(torch.randn(images, 24, 384, generator=g), torch.full((images,), 24), torch.randn(images, 384, generator=g))
-    null = TextEmbedding(torch.zeros(1, 2, 384), torch.tensor([2]), torch.zeros(1, 384))
+    model, text, null = _sampling_fixture(device, images)
     result = {"images": images, "total_steps": total_steps, "latent": [4, 1, 32, 32], "repeats": repeats}
     runs: dict[str, list[tuple[float, list[float]]]] = {"pyramid": [], "flat": []}
     for _ in range(repeats):
@@ -286,14 +294,9 @@ def history_cache_comparison(device: torch.device, videos: int = 1, unit_frames:
     median over ``repeats`` runs."""
     from pyraflow.sampling import sample_video
     from pyraflow.schedule import PyramidSchedule, ScheduleConfig
-    from pyraflow.text import TextEmbedding
 
-    torch.manual_seed(0)
-    model = MultiStageMMDiT(standard_model_config(attention="auto", temporal_causal=True)).to(device).eval()
+    model, text, null = _sampling_fixture(device, videos, temporal_causal=True)
     schedule = PyramidSchedule(ScheduleConfig(stages=3))
-    g = torch.Generator().manual_seed(0)
-    text = TextEmbedding(torch.randn(videos, 24, 384, generator=g), torch.full((videos,), 24), torch.randn(videos, 384, generator=g))
-    null = TextEmbedding(torch.zeros(1, 2, 384), torch.tensor([2]), torch.zeros(1, 384))
     shape = (4, 1 + units * unit_frames, 32, 32)
     runs: dict[str, list[list[float]]] = {"cached": [], "recomputed": []}
     for _ in range(repeats):

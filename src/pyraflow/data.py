@@ -122,7 +122,12 @@ def fit_image(image, size: int, channels: int, mode: str) -> torch.Tensor:
         canvas = Image.new(image.mode, (size, size), 0)
         canvas.paste(image, ((size - image.size[0]) // 2, (size - image.size[1]) // 2))
         image = canvas
-    array = np.asarray(image, dtype=np.float32).reshape(size, size, channels)
+    return image_to_tensor(image, channels)
+
+
+def image_to_tensor(image, channels: int) -> torch.Tensor:
+    """A Pillow image already in mode L (1 channel) or RGB (3) -> (C, H, W) in [-1, 1]."""
+    array = np.asarray(image, dtype=np.float32).reshape(image.height, image.width, channels)
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
@@ -135,11 +140,9 @@ def read_image(path: str | Path, channels: int) -> torch.Tensor:
         raise FileNotFoundError(f"image {path} does not exist.")
     try:
         with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            array = np.asarray(image, dtype=np.float32).reshape(image.height, image.width, channels)
+            return image_to_tensor(image.convert("L" if channels == 1 else "RGB"), channels)
     except Exception as err:
         raise ValueError(f"image {path} cannot be read ({type(err).__name__}: {err}); give a PNG or JPEG file.") from err
-    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
 class MnistDigits:

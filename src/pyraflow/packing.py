@@ -219,7 +219,8 @@ def pack(
         parts = [(p.stage, tuple(p.latent.shape[1:]), 1) for p in s.history]
         return tuple(parts + [(s.stage, tuple(s.latent.shape[1:]), torch.as_tensor(s.timestep).numel())])
 
-    order = sorted(range(len(samples)), key=lambda i: (signature(samples[i]), samples[i].text.shape[0]))
+    signatures = [signature(s) for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: (signatures[i], samples[i].text.shape[0]))
     visual, text, pooled, timestep, positions, frames = [], [], [], [], [], []
     shapes, stages, text_lengths, visual_lengths, history_lengths = [], [], [], [], []
     run_lengths, run_segment, text_run = [], [], []
@@ -258,7 +259,7 @@ def pack(
         # unit is denoised, so text and history keys/values can be cached (see MultiStageMMDiT.prefix_cache).
         text_run.append(run_offset)
         run_offset += runs
-        sig = signature(s)
+        sig = signatures[i]
         length = visual_offset - start
         if groups and groups[-1].signature == sig:
             g = groups[-1]
