@@ -112,7 +112,16 @@ def test_row_plan_of_the_reference_layout_equals_per_segment_attention():
     samples = [Sample(stage, torch.randn(3, 1, side, side, generator=g), torch.randn(5, 24, generator=g),
                       torch.randn(12, generator=g), 100.0)
                for _ in range(2) for stage, side in ((0, 4), (1, 8), (1, 8), (2, 16))]
-    layout = pack(samples, num_stages=3).layout  # packed: stage 0 (0, 1), stage 1 (2-5), stage 2 (6, 7)
-    plan = build_row_plan(layout, [[0, 2, 3, 6], [1, 4, 5, 7]], torch.device("cpu"))
-    q, k, v = qkv(layout, 7)
-    torch.testing.assert_close(run(q, k, v, layout, plan), per_segment(q, k, v, layout, False), **FORWARD_TOL)
+    layout = pack(samples, num_stages=3, keep_order=True).layout  # two rows of [low, mid, mid, high]
+    assert layout.order == list(range(8)) and len(layout.groups) == 6  # runs of equal consecutive segments
+    plan = build_row_plan(layout, 2, torch.device("cpu"))
+    q, k, v = qkv(layout, 7, requires_grad=True)
+    out, expected = run(q, k, v, layout, plan), per_segment(q, k, v, layout, False)
+    torch.testing.assert_close(out, expected, **FORWARD_TOL)
+    w = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((expected * w).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, **GRAD_TOL)
+    with pytest.raises(ValueError, match="rows must be alike"):
+        build_row_plan(pack(samples[:4] + samples[4:][::-1], num_stages=3, keep_order=True).layout, 2, torch.device("cpu"))
+    with pytest.raises(ValueError, match="do not split"):
+        build_row_plan(layout, 3, torch.device("cpu"))

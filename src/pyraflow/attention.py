@@ -66,7 +66,8 @@ class AttentionPlan:
     visual_sizes: list[int] = field(default_factory=list)  # grouped: visual tokens per group
     block_mask: object | None = None  # flex
     flash: dict | None = None  # flash: cu_seqlens and, for causal, the query-chunk/key-prefix layout
-    rows: int | None = None  # reference over equal-length rows: joint order is (rows x row length)
+    rows: int | None = None  # reference's row layout: R rows of consecutive segments, each [text; visual]
+    row_text: int = 0  # reference's row layout: text tokens per row
 
 
 def _joint_order(layout: Layout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,29 +132,28 @@ class GroupSlices:
         return min(self.text_lengths) != self.text_max
 
 
-def build_row_plan(layout: Layout, rows: list[list[int]], device: torch.device) -> AttentionPlan:
-    """The reference implementation's layout, for comparison: segments are arranged in rows (e.g. one
-    low, two mid, one high stage per row), rows of equal length are batched, and each row gets one
-    dense block-diagonal mask. rows: packed segment indices per row."""
-    nt = layout.num_text
-    pieces, segment_of = [], []
-    for row in rows:
-        for b in row:
-            t0, t1 = layout.text_offsets[b], layout.text_offsets[b + 1]
-            v0, v1 = layout.visual_offsets[b], layout.visual_offsets[b + 1]
-            pieces += [torch.arange(t0, t1), torch.arange(nt + v0, nt + v1)]
-            segment_of.append(torch.full((t1 - t0 + v1 - v0,), b))
-    joint = torch.cat(pieces).to(device)
-    n = layout.num_text + layout.num_visual
-    if joint.numel() != n or joint.numel() % len(rows):
-        raise ValueError("rows must cover every segment once and have equal token counts.")
-    length = n // len(rows)
-    segment = torch.cat(segment_of)[:length]
-    plan = AttentionPlan(backend="reference", causal=False, num_tokens=n, rows=len(rows))
-    plan.joint = joint
-    plan.joint_inverse = torch.empty_like(joint)
-    plan.joint_inverse[joint] = torch.arange(n, device=device)
-    # the first row's block structure; rows were asked to be alike ([1, 2, 1] columns of equal lengths)
+def build_row_plan(layout: Layout, rows: int, device: torch.device) -> AttentionPlan:
+    """The reference implementation's layout, for comparison: the packed segments, in their order, form
+    ``rows`` rows of equal token counts (e.g. one low, two mid, one high stage each; pack with
+    ``keep_order=True``). As in the reference, each row's text and visual tokens are concatenated in
+    place (no gather) and attend under one dense block-diagonal mask per row."""
+    n_seg = layout.num_segments
+    if rows < 1 or n_seg % rows:
+        raise ValueError(f"{n_seg} segments do not split into {rows} rows of equal segment counts.")
+    per_row = n_seg // rows
+    text_rows = {layout.text_offsets[r * per_row + per_row] - layout.text_offsets[r * per_row] for r in range(rows)}
+    visual_rows = {layout.visual_offsets[r * per_row + per_row] - layout.visual_offsets[r * per_row] for r in range(rows)}
+    if len(text_rows) != 1 or len(visual_rows) != 1:
+        raise ValueError("rows must have equal text and equal visual token counts (pad the text to one length).")
+    first = range(per_row)  # every row has the first row's block structure (checked below)
+    segment = torch.cat([torch.full((layout.text_lengths[b],), b) for b in first]
+                        + [torch.full((layout.visual_lengths[b],), b) for b in first])
+    for r in range(1, rows):
+        lengths = [(layout.text_lengths[b], layout.visual_lengths[b]) for b in range(r * per_row, (r + 1) * per_row)]
+        if lengths != [(layout.text_lengths[b], layout.visual_lengths[b]) for b in first]:
+            raise ValueError(f"row {r} has other segment lengths than row 0; rows must be alike.")
+    plan = AttentionPlan(backend="reference", causal=False, num_tokens=layout.num_text + layout.num_visual, rows=rows)
+    plan.row_text = text_rows.pop()
     plan.dense_mask = (segment[:, None] == segment[None, :]).to(device)
     return plan
 
@@ -339,6 +339,16 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torc
         return flex_attention(q, k, v, block_mask=block_mask)
 
 
+def _rows(text: tuple[torch.Tensor, ...], visual: tuple[torch.Tensor, ...], plan: AttentionPlan):
+    """The reference's row layout: per row [text; visual] concatenated in place, one dense mask per row."""
+    heads, dim = visual[0].shape[1:]
+    q, k, v = (torch.cat([t.view(plan.rows, -1, heads, dim), x.view(plan.rows, -1, heads, dim)], dim=1).transpose(1, 2)
+               for t, x in zip(text, visual))  # (R, H, L, Dh)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.dense_mask).transpose(1, 2)  # (R, L, H, Dh)
+    out_text, out_visual = o.split([plan.row_text, o.shape[1] - plan.row_text], dim=1)
+    return out_text.reshape(-1, heads, dim), out_visual.reshape(-1, heads, dim)
+
+
 def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
     from flash_attn import flash_attn_varlen_func
 
@@ -359,13 +369,11 @@ def attend(
     """
     if plan.backend == "grouped":
         return _grouped(text, visual, plan)
-    nt = text[0].shape[0]
-    qj, kj, vj = (torch.cat([t, v])[plan.joint] for t, v in zip(text, visual))  # joint order
     if plan.backend == "reference" and plan.rows:
-        heads, dim = qj.shape[1:]
-        q, k, v = (x.view(plan.rows, -1, heads, dim).transpose(1, 2) for x in (qj, kj, vj))  # (R, H, L, Dh)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.dense_mask).transpose(1, 2).reshape(-1, heads, dim)
-    elif plan.backend == "reference":
+        return _rows(text, visual, plan)
+    nt = text[0].shape[0]
+    qj, kj, vj = (torch.cat([t, v]).index_select(0, plan.joint) for t, v in zip(text, visual))  # joint order
+    if plan.backend == "reference":
         o = F.scaled_dot_product_attention(
             qj.transpose(0, 1).unsqueeze(0), kj.transpose(0, 1).unsqueeze(0), vj.transpose(0, 1).unsqueeze(0),
             attn_mask=plan.dense_mask,
@@ -378,9 +386,9 @@ def attend(
     elif plan.backend == "flash":
         f = plan.flash
         if f["key_index"] is not None:
-            kj, vj = kj[f["key_index"]], vj[f["key_index"]]
+            kj, vj = kj.index_select(0, f["key_index"]), vj.index_select(0, f["key_index"])
         o = (varlen_fn or _flash_varlen)(qj, kj, vj, f["cu_q"], f["cu_k"], f["max_q"], f["max_k"])
     else:
         raise ValueError(f"unknown attention backend {plan.backend!r}.")
-    o = o[plan.joint_inverse]
+    o = o.index_select(0, plan.joint_inverse)
     return o[:nt], o[nt:]

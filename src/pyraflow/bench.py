@@ -75,7 +75,8 @@ class TrainStep:
 
     packed     pyraflow's: all 16 samples in one packed sequence.
     rows       the reference's: rows of [1, 2, 1] integer columns (one low, two mid, one high segment),
-               text padded to a fixed 32 tokens, rows batched with one dense block-diagonal mask each.
+               text padded to a fixed 32 tokens, held in row order throughout (each row's [text; visual]
+               concatenated in place, no gather), rows batched with one dense block-diagonal mask each.
     padded     every segment padded to the longest stage (32x32 latent, 32 text tokens), batched.
     per_stage  one forward/backward per stage (as a bucketed trainer would), one optimizer step.
     """
@@ -90,13 +91,16 @@ class TrainStep:
         if layout == "per_stage":
             samples = standard_samples(seed)
             batches = [pack([s for s in samples if s.stage == k], 3, 2, 4, 384, 384) for k in range(3)]
+        elif layout == "rows":  # the reference holds its batch in rows: [low, mid, mid, high] x 4, in this order
+            samples = standard_samples(seed, pad_text=True)  # stage 0 (0-3), stage 1 (4-11), stage 2 (12-15)
+            rows = [samples[k] for i in range(4) for k in (i, 4 + 2 * i, 5 + 2 * i, 12 + i)]
+            batches = [pack(rows, 3, 2, 4, 384, 384, keep_order=True)]
         else:
-            batches = [standard_batch(seed, pad_text=layout == "rows", all_at_longest=layout == "padded")]
+            batches = [standard_batch(seed, all_at_longest=layout == "padded")]
         self.batches = [b.to(device) for b in batches]
         self.contexts = [self.model.prepare(b.layout, device, dtype) for b in self.batches]
-        if layout == "rows":  # packed order puts stage 0 first (0-3), then stage 1 (4-11), then stage 2 (12-15)
-            rows = [[i, 4 + 2 * i, 5 + 2 * i, 12 + i] for i in range(4)]
-            self.contexts[0].plan = build_row_plan(self.batches[0].layout, rows, device)
+        if layout == "rows":
+            self.contexts[0].plan = build_row_plan(self.batches[0].layout, 4, device)
         self.targets = [torch.randn_like(b.visual) for b in self.batches]
 
     def losses(self):

@@ -100,7 +100,8 @@ class RunBroadcast:
     Runs are consecutive slices of a stream. Where they come in a few blocks of equal length, each block
     is viewed as (runs, length, D) and the vectors broadcast over it — no per-token copy. Where runs of
     many different lengths alternate (text of varied lengths), one gather to (N, D) is cheaper than a
-    Python loop over blocks.
+    Python loop over blocks. Gathers use index_select: its backward (index_add) is ~6x faster on CPU than
+    that of ``v[index]`` (index_put with accumulate).
     """
 
     MAX_BLOCKS = 8
@@ -126,7 +127,7 @@ class RunBroadcast:
     def apply(self, fn, tokens: tuple[torch.Tensor, ...], per_run: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """fn(*tokens, *per_run) evaluated with per-run vectors broadcast to their tokens."""
         if self.index is not None:
-            return fn(*tokens, *(v[self.index] for v in per_run))
+            return fn(*tokens, *(v.index_select(0, self.index) for v in per_run))
         if len(self.blocks) == 1:
             _, _, r0, r1, length = self.blocks[0]
             tk = (x.view(r1 - r0, length, x.shape[-1]) for x in tokens)

@@ -14,6 +14,8 @@ Segments are reordered so that segments with the same visual layout sit next to 
 *group*). Within a group every segment's visual tokens can be viewed as one (G, L, D) tensor, which
 lets conditioning broadcast per segment instead of being copied to every token, and lets attention
 batch the group without a dense mask. ``PackedBatch.order`` remembers the caller's order.
+``keep_order=True`` keeps the caller's order instead (groups are then runs of consecutive equal
+segments), for layouts that fix the order themselves, e.g. the reference's rows in ``pyraflow.bench``.
 
 Visual positions are (t, h, w) in full-resolution token units: a stage-k token covers d = 2**(K-1-k)
 fine tokens per side, and sits at their centre, (i + 0.5) * d - 0.5, so a coarse token and the fine
@@ -208,6 +210,7 @@ def pack(
     channels: int | None = None,
     text_dim: int | None = None,
     pooled_dim: int | None = None,
+    keep_order: bool = False,
 ) -> PackedBatch:
     """Concatenate samples of any stages into one PackedBatch (see the module docstring)."""
     if not samples:
@@ -220,7 +223,9 @@ def pack(
         return tuple(parts + [(s.stage, tuple(s.latent.shape[1:]), torch.as_tensor(s.timestep).numel())])
 
     signatures = [signature(s) for s in samples]
-    order = sorted(range(len(samples)), key=lambda i: (signatures[i], samples[i].text.shape[0]))
+    order = list(range(len(samples)))
+    if not keep_order:
+        order.sort(key=lambda i: (signatures[i], samples[i].text.shape[0]))
     visual, text, pooled, timestep, positions, frames = [], [], [], [], [], []
     shapes, stages, text_lengths, visual_lengths, history_lengths = [], [], [], [], []
     run_lengths, run_segment, text_run = [], [], []
