@@ -22,7 +22,7 @@ def test_standard_batch_is_the_documented_one():
 
 @pytest.mark.slow
 def test_bench_json_has_every_variant(capsys):
-    assert main(["bench", "--json", "--steps", "1", "--warmup", "1"]) == 0
+    assert main(["bench", "--json", "--steps", "1", "--warmup", "1", "--scales", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
     for name in ("grouped", "reference"):
         assert {"ms_per_step", "visual_tokens_per_s", "peak_mem_mb", "precision"} <= set(result["backends"][name])
@@ -33,6 +33,7 @@ def test_bench_json_has_every_variant(capsys):
     assert {"pyramid_s", "flat_s", "ratio", "pyramid_stage_s"} <= set(result["sampling"])
     assert {"tokens_cv", "peak_mem_range_frac", "fixed_batch"} <= set(result["stability"])
     assert {"cached_s", "recomputed_s", "speedup", "last_unit_speedup"} <= set(result["history_cache"])
+    assert {"pyraflow", "reference_columns", "per_stage", "row_tokens"} <= set(result["scaling"]["scales"]["1"])
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -65,3 +66,39 @@ def test_the_quick_pieces_of_the_bench_run_and_report_their_keys():
     cache = history_cache_comparison(torch.device("cpu"), videos=1, units=2, steps=1, repeats=1)
     assert len(cache["cached_unit_s"]) == len(cache["recomputed_unit_s"]) == 3
     assert cache["speedup"] > 0 and cache["latent"] == [4, 5, 32, 32]
+
+
+def test_the_reference_rows_compute_what_the_packed_layout_computes():
+    """The row layout (row order, dense row masks, per-token modulation) is the same model on the same samples:
+    per sample, its outputs equal those of the same samples (padded text) packed in signature order."""
+    import torch
+
+    from pyraflow.packing import unpack
+
+    rows = TrainStep("reference_columns", "fp32", torch.device("cpu"))
+    lay = rows.batch.layout
+    assert [lay.stages[b] for b in range(16)] == [0, 1, 1, 2] * 4 and rows.contexts[0].plan.rows == 4
+    packed = standard_batch(pad_text=True)
+    with torch.no_grad():
+        for layer in rows.model.modules():  # non-zero modulation and output, so every path shows in the output
+            if isinstance(layer, torch.nn.Linear):
+                torch.nn.init.normal_(layer.weight, std=0.05)
+        out_rows = unpack(rows.model(rows.batch, rows.contexts[0]), lay)
+        out_packed = unpack(rows.model(packed), packed.layout)
+    by_stage = [i for i in range(4) for i in (i, 4 + 2 * i, 5 + 2 * i, 12 + i)]  # row order -> standard order
+    for k, i in enumerate(by_stage):
+        torch.testing.assert_close(out_rows[k], out_packed[i], rtol=1e-4, atol=1e-5)
+    assert out_rows[0].abs().mean() > 1e-2
+
+
+def test_scaling_comparison_reports_each_scale():
+    import torch
+
+    from pyraflow.bench import scaling_comparison, standard_samples
+
+    assert sum(s.latent[0].numel() // 4 for s in standard_samples(scale=2)) == 6400  # 4x the tokens at scale 2
+    result = scaling_comparison(torch.device("cpu"), [1], {}, steps=1, warmup=0, progress=False)
+    entry = result["scales"]["1"]
+    assert entry["visual_tokens"] == 1600 and entry["row_tokens"] == 4 * 32 + 400
+    assert entry["pyraflow"]["pyraflow_speedup"] == 1.0
+    assert entry["reference_columns"]["ms_per_step"] > 0 and entry["per_stage"]["visual_tokens_per_s"] > 0

@@ -34,12 +34,17 @@ def standard_model_config(**overrides) -> ModelConfig:
                                  pooled_dim=384), **overrides})
 
 
-def standard_samples(seed: int = 0, pad_text: bool = False, all_at_longest: bool = False) -> list[Sample]:
+def standard_samples(seed: int = 0, pad_text: bool = False, all_at_longest: bool = False,
+                     scale: int = 1) -> list[Sample]:
     """The standard batch's 16 samples. pad_text: text padded to 32 tokens (as a fixed-length encoder
-    would give); all_at_longest: every sample at the longest stage's size (padding's cost)."""
+    would give); all_at_longest: every sample at the longest stage's size (padding's cost); scale:
+    latent sides times ``scale`` (scale 4: the high stage is 128x128 latent = 4,096 tokens, 1024 px
+    through an 8x VAE), for how the layouts compare as segments grow."""
     g = torch.Generator().manual_seed(seed)
     samples = []
+    longest = STANDARD_STAGES[-1][1] * scale
     for stage, side, count in STANDARD_STAGES:
+        side *= scale
         for _ in range(count):
             length = int(torch.randint(16, MAX_TEXT + 1, (1,), generator=g))
             text = torch.randn(length, 384, generator=g)
@@ -47,12 +52,13 @@ def standard_samples(seed: int = 0, pad_text: bool = False, all_at_longest: bool
                 text = torch.cat([text, torch.zeros(MAX_TEXT - length, 384)])
             latent = torch.randn(4, 1, side, side, generator=g)
             if all_at_longest:
-                latent, stage = torch.nn.functional.pad(latent, (0, 32 - side, 0, 32 - side)), 2
+                latent, stage = torch.nn.functional.pad(latent, (0, longest - side, 0, longest - side)), 2
             samples.append(Sample(stage, latent, text, torch.randn(384, generator=g), float(torch.rand((), generator=g) * 1000)))
     return samples
 
 
 def standard_batch(seed: int = 0, **kw) -> PackedBatch:
+    """standard_samples(seed, **kw), packed."""
     return pack(standard_samples(seed, **kw), num_stages=3, patch_size=2, channels=4, text_dim=384, pooled_dim=384)
 
 
@@ -68,6 +74,7 @@ BACKEND_VARIANTS = ("grouped", "reference", "grouped_per_token_modulation")
 THROUGHPUT_VARIANTS = {"pyraflow": "grouped", "reference_columns": "reference_columns", "padded": "padded",
                        "per_stage": "per_stage"}
 VISUAL_TOKENS = sum(count * (side // 2) ** 2 for _, side, count in STANDARD_STAGES)  # 1,600 real visual tokens
+SCALING_VARIANTS = {"pyraflow": "grouped", "reference_columns": "reference_columns", "per_stage": "per_stage"}
 
 
 class TrainStep:
@@ -81,7 +88,7 @@ class TrainStep:
     per_stage  one forward/backward per stage (as a bucketed trainer would), one optimizer step.
     """
 
-    def __init__(self, variant: str, precision: str, device: torch.device, seed: int = 0):
+    def __init__(self, variant: str, precision: str, device: torch.device, seed: int = 0, scale: int = 1):
         layout, backend, modulation = VARIANTS[variant]
         torch.manual_seed(seed)
         self.model = MultiStageMMDiT(standard_model_config(attention=backend, modulation=modulation)).to(device)
@@ -89,14 +96,14 @@ class TrainStep:
         self.device, self.precision = device, precision
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         if layout == "per_stage":
-            samples = standard_samples(seed)
+            samples = standard_samples(seed, scale=scale)
             batches = [pack([s for s in samples if s.stage == k], 3, 2, 4, 384, 384) for k in range(3)]
         elif layout == "rows":  # the reference holds its batch in rows: [low, mid, mid, high] x 4, in this order
-            samples = standard_samples(seed, pad_text=True)  # stage 0 (0-3), stage 1 (4-11), stage 2 (12-15)
+            samples = standard_samples(seed, pad_text=True, scale=scale)  # stage 0 (0-3), stage 1 (4-11), stage 2 (12-15)
             rows = [samples[k] for i in range(4) for k in (i, 4 + 2 * i, 5 + 2 * i, 12 + i)]
             batches = [pack(rows, 3, 2, 4, 384, 384, keep_order=True)]
         else:
-            batches = [standard_batch(seed, all_at_longest=layout == "padded")]
+            batches = [standard_batch(seed, all_at_longest=layout == "padded", scale=scale)]
         self.batches = [b.to(device) for b in batches]
         self.contexts = [self.model.prepare(b.layout, device, dtype) for b in self.batches]
         if layout == "rows":
@@ -371,8 +378,44 @@ def stability(steps: int = 300, text_tokens: int = 24) -> dict:
             **{k: v for k, v in token_budget.items()}, "fixed_batch": fixed}
 
 
+def scaling_comparison(device: torch.device, scales: list[int], precisions: dict[str, str], steps: int = 3,
+                       warmup: int = 1, progress: bool = True) -> dict:
+    """The standard batch with latent sides times each scale: pyraflow, the reference's rows and one stage per
+    step, alternated round by round, medians. Padding is left out (at scale 4 it is 16 x 4,128 tokens).
+    precisions: the precision each variant was fastest in on the standard config."""
+    out = {"steps": steps, "variants": list(SCALING_VARIANTS), "scales": {}}
+    for scale in scales:
+        runners = {label: TrainStep(name, precisions.get(name, "fp32"), device, scale=scale)
+                   for label, name in SCALING_VARIANTS.items()}
+        times: dict[str, list[float]] = {label: [] for label in runners}
+        for i in tqdm(range(warmup + steps), desc=f"bench scale {scale}", disable=not progress):
+            for label, step in runners.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times[label].append(time.perf_counter() - start)
+        batch = runners["pyraflow"].batch
+        visual = batch.layout.num_visual
+        flops = training_flops(batch, standard_model_config())
+        row_tokens = runners["reference_columns"].batch.layout.num_text // 4 + visual // 4
+        entry = {"visual_tokens": visual, "longest_segment_visual": max(batch.layout.visual_lengths),
+                 "row_tokens": row_tokens, "gflop_per_step": flops / 1e9}
+        base = statistics.median(times["pyraflow"])
+        for label, ts in times.items():
+            ms = 1000 * statistics.median(ts)
+            entry[label] = {"ms_per_step": ms, "visual_tokens_per_s": visual / (ms / 1000),
+                            "precision": runners[label].precision, "pyraflow_speedup": ms / (1000 * base)}
+        out["scales"][str(scale)] = entry
+        del runners
+    return out
+
+
 def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, progress: bool = True,
-              variants: list[str] | None = None) -> dict:
+              variants: list[str] | None = None, scales: list[int] | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -436,6 +479,9 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
     result["sampling"] = sampling_comparison(device)
     result["history_cache"] = history_cache_comparison(device)
     result["stability"] = stability()
+    if scales:
+        precisions = {n: v["precision"] for n, v in variants_out.items()}
+        result["scaling"] = scaling_comparison(device, scales, precisions, progress=progress)
     return result
 
 
@@ -462,6 +508,10 @@ def format_bench(result: dict) -> str:
     lines.append(f"stability over {st['steps']} steps ({st['mix']}): token budget: tokens CV {100 * st['tokens_cv']:.2f}%, "
                  f"memory range {100 * st['peak_mem_range_frac']:.1f}% of mean; fixed 16 samples: tokens CV "
                  f"{100 * st['fixed_batch']['tokens_cv']:.2f}%, memory range {100 * st['fixed_batch']['peak_mem_range_frac']:.1f}%")
+    for scale, e in result.get("scaling", {}).get("scales", {}).items():
+        lines.append(f"scale {scale} ({e['visual_tokens']} visual tokens, rows of {e['row_tokens']} tokens): pyraflow "
+                     f"{e['pyraflow']['ms_per_step']:.0f} ms/step; reference rows {e['reference_columns']['pyraflow_speedup']:.2f}x, "
+                     f"one stage per step {e['per_stage']['pyraflow_speedup']:.2f}x slower")
     if "quality" in result:
         q = result["quality"]
         lines.append(f"quality at equal compute ({q['minutes_per_variant']:g} min each, seeds {q['seeds']}, "

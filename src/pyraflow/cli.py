@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=_positive_int, default=2, help="untimed steps per variant (default 2)")
     bench.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     bench.add_argument("--json", action="store_true", help="print JSON only")
+    bench.add_argument("--scales", type=_positive_int, nargs="+", default=None, metavar="S",
+                       help="also time pyraflow, the reference's rows and one stage per step with latent sides times S "
+                            "(e.g. 2 4; scale 4 takes ~3 min on 2 CPU cores)")
     bench.add_argument("--full", action="store_true",
                        help="also the quality study: train the MNIST demo with 4 stage mixes for equal time, evaluate each")
     bench.add_argument("--minutes", type=float, default=10.0, help="training minutes per variant for --full (default 10)")
@@ -204,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench":
             from pyraflow.bench import format_bench, run_bench
 
-            result = run_bench(steps=args.steps, warmup=args.warmup, threads=args.threads, progress=not args.json)
+            result = run_bench(steps=args.steps, warmup=args.warmup, threads=args.threads, progress=not args.json,
+                               scales=args.scales)
             if args.full:
                 from pyraflow.study import quality_study
 
