@@ -150,6 +150,12 @@ def _gated_add(residual, y, gate):
     return residual + gate * y
 
 
+def _rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
+    """norm(x) with the weight in x's dtype: under bf16 autocast the fused kernel refuses (and warns about) a
+    bf16 input with an fp32 weight."""
+    return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
+
+
 def _norm_modulate(x, shift, scale):
     return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift
 
@@ -215,7 +221,7 @@ class Stream(nn.Module):
         mod = self.modulation(cond).chunk(2 if self.pre_only else 6, dim=-1)
         h = runs.apply(_norm_modulate, (x,), (mod[0], mod[1]))
         q, k, v = self.qkv(h).unflatten(-1, (3, heads, -1)).unbind(-3)  # (N, H, Dh) each
-        return self.q_norm(q), self.k_norm(k), v, mod
+        return _rms_norm(q, self.q_norm), _rms_norm(k, self.k_norm), v, mod
 
     def finish(self, x, attn_out, mod, runs: RunBroadcast):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
