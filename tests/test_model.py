@@ -160,3 +160,32 @@ def test_per_token_modulation_baseline_gives_the_same_output():
     per_token = randomised_model(13, modulation="per-token")
     with torch.no_grad():
         torch.testing.assert_close(per_token(packed(samples, per_token)), broadcast(packed(samples, broadcast)))
+
+
+def test_rope_rotates_each_pair_by_its_angle_and_scores_depend_on_relative_position():
+    import math
+
+    from pyraflow.model import apply_rope, rope_tables
+
+    g = torch.Generator().manual_seed(0)
+    axes, theta = [4, 6, 6], 100.0
+    positions = torch.randn(5, 3, generator=g) * 4
+    q, k = torch.randn(2, 5, 2, 16, generator=g)
+    # independent computation: a 2x2 rotation per pair (x[2i], x[2i+1]) with angle pos[axis] * theta^(-j/dim)
+    expected = torch.empty_like(q)
+    for n in range(5):
+        pair = 0
+        for axis, dim in enumerate(axes):
+            for j in range(0, dim, 2):
+                a = positions[n, axis].item() * theta ** (-j / dim)
+                c, s = math.cos(a), math.sin(a)
+                x1, x2 = q[n, :, 2 * pair], q[n, :, 2 * pair + 1]
+                expected[n, :, 2 * pair], expected[n, :, 2 * pair + 1] = c * x1 - s * x2, s * x1 + c * x2
+                pair += 1
+    torch.testing.assert_close(apply_rope(q, rope_tables(positions, axes, theta)), expected, rtol=1e-5, atol=1e-5)
+    # q.k after RoPE is unchanged when every position moves by the same offset
+    scores = lambda p: torch.einsum("nhd,mhd->hnm", apply_rope(q, rope_tables(p, axes, theta)),
+                                    apply_rope(k, rope_tables(p, axes, theta)))
+    shifted = scores(positions + torch.tensor([3.0, -2.0, 7.5]))
+    torch.testing.assert_close(shifted, scores(positions), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(scores(positions * 2), scores(positions), atol=1e-2)  # a change in relative position shows
