@@ -378,6 +378,23 @@ def stability(steps: int = 300, text_tokens: int = 24) -> dict:
             **{k: v for k, v in token_budget.items()}, "fixed_batch": fixed}
 
 
+def alternate(runners: dict, steps: int, warmup: int, device: torch.device, desc: str, progress: bool) -> dict:
+    """Seconds per call of each runner over ``steps`` rounds after ``warmup``, the runners alternated within
+    each round so that drift of the machine hits all alike."""
+    times: dict = {key: [] for key in runners}
+    for i in tqdm(range(warmup + steps), desc=desc, disable=not progress):
+        for key, step in runners.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[key].append(time.perf_counter() - start)
+    return times
+
+
 def scaling_comparison(device: torch.device, scales: list[int], precisions: dict[str, str], steps: int = 5,
                        warmup: int = 1, progress: bool = True) -> dict:
     """The standard batch with latent sides times each scale: pyraflow, the reference's rows and one stage per
@@ -387,17 +404,7 @@ def scaling_comparison(device: torch.device, scales: list[int], precisions: dict
     for scale in scales:
         runners = {label: TrainStep(name, precisions.get(name, "fp32"), device, scale=scale)
                    for label, name in SCALING_VARIANTS.items()}
-        times: dict[str, list[float]] = {label: [] for label in runners}
-        for i in tqdm(range(warmup + steps), desc=f"bench scale {scale}", disable=not progress):
-            for label, step in runners.items():
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if i >= warmup:
-                    times[label].append(time.perf_counter() - start)
+        times = alternate(runners, steps, warmup, device, f"bench scale {scale}", progress)
         batch = runners["pyraflow"].batch
         visual = batch.layout.num_visual
         flops = training_flops(batch, standard_model_config())
@@ -426,17 +433,7 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
     peak_runs = {p: [matmul_peak_gflops(dtype, device)] for p, dtype in precisions}
     runs = [(n, p) for n in names for p in ("fp32", "bf16")]
     runners = {(n, p): TrainStep(n, p, device) for n, p in runs}
-    times: dict[tuple[str, str], list[float]] = {v: [] for v in runs}
-    for i in tqdm(range(warmup + steps), desc="bench rounds", disable=not progress):
-        for v, step in runners.items():  # alternate variants within each round
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times[v].append(time.perf_counter() - start)
+    times = alternate(runners, steps, warmup, device, "bench rounds", progress)
     flops = training_flops(standard_batch(), standard_model_config())
     result = {"machine": machine(), "config": {"blocks": 4, "width": 256, "heads": 4, "patch": 2, "channels": 4,
               "stages": [8, 16, 32], "samples_per_stage": [4, 8, 4], "visual_tokens": VISUAL_TOKENS,
