@@ -271,3 +271,54 @@ def test_the_batcher_balances_histories_of_different_lengths():
     assert report["tokens_per_step"]["cv"] <= 0.02
     for stage in report["schedule"]["stages"]:
         assert abs(stage["realised_ratio"] - stage["target_ratio"]) <= 0.01
+
+
+def test_an_image_dataset_trains_beside_the_clips_as_unit_0(tmp_path, monkeypatch):
+    """video.image_dataset: unit-0 examples take images and captions from it; later units keep their clips."""
+    from PIL import Image
+
+    import pyraflow.training as training
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(((np.arange(256).reshape(16, 16) * (i + 1)) % 255).astype(np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a test pattern number {i}")
+    config = load_config(None, TINY_VIDEO + ["video.image_dataset=image-folder", f"video.image_path={folder}",
+                                             "video.image_dataset_share=1.0", "video.image_ratio=0.5",
+                                             "train.text_dropout=0.0"])
+    trainer = training.Trainer(config, tmp_path / "run", progress=False)
+    assert len(trainer.images) == 3 and trainer.images.latents.shape[2] == 1
+    seen = []
+    next_batch = trainer.batcher.next_batch
+    monkeypatch.setattr(trainer.batcher, "next_batch", lambda: seen.append(next_batch()) or seen[-1])
+    real = training.unit_training_samples
+    calls = []
+    monkeypatch.setattr(training, "unit_training_samples",
+                        lambda *a, **k: calls.append((a[1], a[3], a[6])) or real(*a, **k))
+    for _ in range(3):
+        trainer._micro_batch()
+    image_texts = [trainer.images.text(j)[0] for j in range(3)]
+    counts = {0: 0, 1: 0}
+    for batch, (clean, units, texts) in zip(seen, calls):
+        for row, i in enumerate(batch.sample_ids):
+            if int(units[row]) == 0:  # an image from the folder, with its caption
+                counts[0] += 1
+                assert any(torch.equal(clean[row, :, 0], trainer.images.latents[j, :, 0]) for j in range(3))
+                assert any(torch.equal(texts[row][0], t) for t in image_texts)
+            else:  # a clip unit: the clip as it was, with the clip's caption
+                counts[1] += 1
+                assert torch.equal(clean[row], trainer.data.latents[i])
+                assert torch.equal(texts[row][0], trainer.data.text(i)[0])
+    assert counts[0] > 0 and counts[1] > 0
+
+
+def test_image_dataset_config_errors_name_the_fix():
+    with pytest.raises(ValueError, match="set video.unit_frames"):
+        load_config(None, ["video.image_dataset=mnist"])
+    with pytest.raises(ValueError, match="needs video.image_path"):
+        load_config(None, TINY_VIDEO + ["video.image_dataset=image-folder"])
+    with pytest.raises(ValueError, match="video.image_dataset='faces'"):
+        load_config(None, TINY_VIDEO + ["video.image_dataset=faces"])
+    with pytest.raises(ValueError, match="video.image_dataset_share"):
+        load_config(None, TINY_VIDEO + ["video.image_dataset=mnist", "video.image_dataset_share=2"])

@@ -65,10 +65,22 @@ class Config:
                 raise ValueError(f"data.frames={self.data.frames} with video.unit_frames={self.video.unit_frames}: {err}") from err
             if not model.temporal_causal:
                 raise ValueError("video.unit_frames needs model.temporal_causal: true (a unit must not see later units).")
+        elif self.video.image_dataset is not None:
+            raise ValueError("video.image_dataset joins the image examples (unit 0) of a unit-by-unit video run; set "
+                             "video.unit_frames, or train on the images alone with data.dataset.")
 
     def video_units(self) -> bool:
         """Whether videos are trained and sampled unit by unit (autoregressively)."""
         return self.video.unit_frames is not None
+
+    def image_data(self) -> DataConfig | None:
+        """The data config of video.image_dataset (at the clips' size and channels), or None."""
+        v = self.video
+        if v.image_dataset is None:
+            return None
+        return DataConfig(dataset=v.image_dataset, path=v.image_path, image_size=self.data.image_size,
+                          channels=self.data.channels, resize=self.data.resize,
+                          max_bad_fraction=self.data.max_bad_fraction)
 
     def latent_channels(self) -> int:
         return self.latent.resolved_channels(self.data.channels)

@@ -157,6 +157,7 @@ def load_run_data(config: Config, text_encoder, latent_space, info: DistributedI
 
 class Trainer:
     def __init__(self, config: Config, out_dir: str | Path, resume: bool = False, progress: bool = True):
+        from pyraflow.data import encode_dataset
         from pyraflow.latents import build_latent_space
         from pyraflow.text import load_text_encoder
 
@@ -173,6 +174,9 @@ class Trainer:
         self._check_text_widths()
         self.latent_space = build_latent_space(config.latent, info.device)
         self.data = load_run_data(config, self.text_encoder, self.latent_space, info, self.progress)
+        image_data = config.image_data()
+        self.images = None if image_data is None else encode_dataset(
+            image_data, self.text_encoder, self.latent_space, progress=self.progress)
         self.null = self.text_encoder.null()
         self.schedule = PyramidSchedule(config.schedule)
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
@@ -223,19 +227,23 @@ class Trainer:
         g = self.generator
         null = self.null.item(0)
 
-        def captions() -> list:
+        def captions() -> tuple[list, torch.Tensor]:
+            """(text per example, which examples dropped their text for the null caption)."""
             drop = torch.rand(len(ids), generator=g) < self.config.train.text_dropout
-            return [null if drop[row] else self.data.text(i) for row, i in enumerate(batch.sample_ids)]
+            return [null if drop[row] else self.data.text(i) for row, i in enumerate(batch.sample_ids)], drop
 
         if self.config.video_units():
             units = torch.tensor([self.classes.units[c] for c in batch.stages])
             spans = unit_spans(self.config.data.frames, self.config.video.unit_frames)
+            texts, drop = captions()
+            if self.images is not None:
+                clean = self._swap_in_images(clean, units, texts, drop)
             samples, targets = unit_training_samples(self.schedule, clean, stages, units, spans, self.config.video,
-                                                     captions(), g)
+                                                     texts, g)
         else:
             noise = torch.randn(clean.shape, generator=g)
             r = self.schedule.sample_r(len(ids), g)
-            texts = captions()
+            texts, _ = captions()
             samples, targets = [], []
             for pair in self.schedule.training_pairs(stages, clean, noise, r):
                 for j, row in enumerate(pair.indices.tolist()):
@@ -246,6 +254,22 @@ class Trainer:
         target = torch.cat([patchify(targets[i], m.patch_size) for i in packed.layout.order])
         tokens = packed.layout.num_visual + packed.layout.num_text
         return packed.to(self.info.device), target.to(self.info.device), tokens
+
+    def _swap_in_images(self, clean: torch.Tensor, units: torch.Tensor, texts: list, dropped: torch.Tensor) -> torch.Tensor:
+        """Give a share of the image examples (unit 0) an image and caption of video.image_dataset instead of a
+        clip's first frame (in place of ``texts``; captions stay null where text dropout chose so)."""
+        g = self.generator
+        pick = (units == 0) & (torch.rand(len(units), generator=g) < self.config.video.image_dataset_share)
+        rows = pick.nonzero().flatten().tolist()
+        if not rows:
+            return clean
+        chosen = torch.randint(len(self.images), (len(rows),), generator=g).tolist()
+        clean = clean.clone()
+        for row, j in zip(rows, chosen):
+            clean[row, :, 0] = self.images.latents[j, :, 0]
+            if not dropped[row]:
+                texts[row] = self.images.text(j)
+        return clean
 
     def _loss(self, packed, target):
         """Mean over samples of each sample's mean squared error on its predicted (non-history) tokens."""
@@ -435,7 +459,8 @@ def run_training(config: Config, out_dir: str | Path | None = None, resume: bool
     target = max_steps if max_steps is not None else tc.steps
     metrics = MetricsLog(out, trainer.step) if info.is_main else None
     if info.is_main:
-        log.info("run directory %s (precision %s, %d samples)", out, trainer.precision, len(trainer.data))
+        images = "" if trainer.images is None else f" + {len(trainer.images)} images from {config.video.image_dataset}"
+        log.info("run directory %s (precision %s, %d samples%s)", out, trainer.precision, len(trainer.data), images)
     started = time.perf_counter()
     bar = tqdm(total=target, initial=trainer.step, desc="train", unit="step", disable=not trainer.progress)
     last_saved = trainer.step

@@ -45,6 +45,14 @@ class VideoConfig:
     """Longest video ``pyraflow sample --frames`` may ask for; None: the training clip length (data.frames)."""
     cache: bool = True
     """Compute the text and history keys/values once per unit when sampling instead of at every step."""
+    image_dataset: str | None = None
+    """An image-only dataset trained beside the clips (``mnist`` or ``image-folder``, brought to data.image_size
+    and data.channels): a share of the image examples (unit 0) take an image and its caption from it instead
+    of a clip's first frame. None: images are the clips' first frames only."""
+    image_path: str | None = None
+    """Folder for ``image_dataset: image-folder`` (images, captioned by captions.jsonl or .txt files as for data.path)."""
+    image_dataset_share: float = 0.5
+    """Share of the image examples (unit 0) drawn from image_dataset; the rest are first frames of the clips."""
 
     def __post_init__(self) -> None:
         if self.unit_frames is not None and self.unit_frames < 1:
@@ -58,6 +66,12 @@ class VideoConfig:
             raise ValueError(f"video.max_history_units={self.max_history_units} must be >= 1 (or null for all).")
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"video.max_frames={self.max_frames} must be >= 1 (or null).")
+        if self.image_dataset not in (None, "mnist", "image-folder"):
+            raise ValueError(f"video.image_dataset={self.image_dataset!r} must be mnist, image-folder or null.")
+        if self.image_dataset == "image-folder" and self.image_path is None:
+            raise ValueError("video.image_dataset=image-folder needs video.image_path (the folder of images).")
+        if not 0 <= self.image_dataset_share <= 1:
+            raise ValueError(f"video.image_dataset_share={self.image_dataset_share} must be in [0, 1].")
 
 
 def unit_spans(frames: int, unit_frames: int) -> list[tuple[int, int]]:
