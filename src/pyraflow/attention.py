@@ -67,7 +67,6 @@ class AttentionPlan:
     block_mask: object | None = None  # flex
     flash: dict | None = None  # flash: cu_seqlens and, for causal, the query-chunk/key-prefix layout
     rows: int | None = None  # reference's row layout: R rows of consecutive segments, each [text; visual]
-    row_text: int = 0  # reference's row layout: text tokens per row
 
 
 def _joint_order(layout: Layout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,26 +133,21 @@ class GroupSlices:
 
 def build_row_plan(layout: Layout, rows: int, device: torch.device) -> AttentionPlan:
     """The reference implementation's layout, for comparison: the packed segments, in their order, form
-    ``rows`` rows of equal token counts (e.g. one low, two mid, one high stage each; pack with
-    ``keep_order=True``). As in the reference, each row's text and visual tokens are concatenated in
-    place (no gather) and attend under one dense block-diagonal mask per row."""
+    ``rows`` alike rows (e.g. one low, two mid, one high stage each; pack with ``keep_order=True``). As in the
+    reference, each row's text and visual tokens are concatenated in place (no gather) and attend under one
+    dense block-diagonal mask per row."""
     n_seg = layout.num_segments
     if rows < 1 or n_seg % rows:
         raise ValueError(f"{n_seg} segments do not split into {rows} rows of equal segment counts.")
     per_row = n_seg // rows
-    text_rows = {layout.text_offsets[r * per_row + per_row] - layout.text_offsets[r * per_row] for r in range(rows)}
-    visual_rows = {layout.visual_offsets[r * per_row + per_row] - layout.visual_offsets[r * per_row] for r in range(rows)}
-    if len(text_rows) != 1 or len(visual_rows) != 1:
-        raise ValueError("rows must have equal text and equal visual token counts (pad the text to one length).")
-    first = range(per_row)  # every row has the first row's block structure (checked below)
-    segment = torch.cat([torch.full((layout.text_lengths[b],), b) for b in first]
-                        + [torch.full((layout.visual_lengths[b],), b) for b in first])
+    lengths = [(layout.text_lengths[b], layout.visual_lengths[b]) for b in range(n_seg)]
     for r in range(1, rows):
-        lengths = [(layout.text_lengths[b], layout.visual_lengths[b]) for b in range(r * per_row, (r + 1) * per_row)]
-        if lengths != [(layout.text_lengths[b], layout.visual_lengths[b]) for b in first]:
+        if lengths[r * per_row : (r + 1) * per_row] != lengths[:per_row]:
             raise ValueError(f"row {r} has other segment lengths than row 0; rows must be alike.")
+    # every row has row 0's block structure: its texts, then its visual tokens
+    segment = torch.cat([torch.full((t,), b) for b, (t, _) in enumerate(lengths[:per_row])]
+                        + [torch.full((v,), b) for b, (_, v) in enumerate(lengths[:per_row])])
     plan = AttentionPlan(backend="reference", causal=False, num_tokens=layout.num_text + layout.num_visual, rows=rows)
-    plan.row_text = text_rows.pop()
     plan.dense_mask = (segment[:, None] == segment[None, :]).to(device)
     return plan
 
@@ -342,10 +336,11 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torc
 def _rows(text: tuple[torch.Tensor, ...], visual: tuple[torch.Tensor, ...], plan: AttentionPlan):
     """The reference's row layout: per row [text; visual] concatenated in place, one dense mask per row."""
     heads, dim = visual[0].shape[1:]
+    row_text = text[0].shape[0] // plan.rows
     q, k, v = (torch.cat([t.view(plan.rows, -1, heads, dim), x.view(plan.rows, -1, heads, dim)], dim=1).transpose(1, 2)
                for t, x in zip(text, visual))  # (R, H, L, Dh)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.dense_mask).transpose(1, 2)  # (R, L, H, Dh)
-    out_text, out_visual = o.split([plan.row_text, o.shape[1] - plan.row_text], dim=1)
+    out_text, out_visual = o.split([row_text, o.shape[1] - row_text], dim=1)
     return out_text.reshape(-1, heads, dim), out_visual.reshape(-1, heads, dim)
 
 

@@ -75,6 +75,9 @@ THROUGHPUT_VARIANTS = {"pyraflow": "grouped", "reference_columns": "reference_co
                        "per_stage": "per_stage"}
 VISUAL_TOKENS = sum(count * (side // 2) ** 2 for _, side, count in STANDARD_STAGES)  # 1,600 real visual tokens
 SCALING_VARIANTS = {"pyraflow": "grouped", "reference_columns": "reference_columns", "per_stage": "per_stage"}
+# The reference's [1, 2, 1] columns: row i holds standard sample i (stage 0), 4+2i and 5+2i (stage 1), 12+i (stage 2).
+ROWS = 4
+ROW_ORDER = [k for i in range(ROWS) for k in (i, 4 + 2 * i, 5 + 2 * i, 12 + i)]
 
 
 class TrainStep:
@@ -99,15 +102,14 @@ class TrainStep:
             samples = standard_samples(seed, scale=scale)
             batches = [pack([s for s in samples if s.stage == k], 3, 2, 4, 384, 384) for k in range(3)]
         elif layout == "rows":  # the reference holds its batch in rows: [low, mid, mid, high] x 4, in this order
-            samples = standard_samples(seed, pad_text=True, scale=scale)  # stage 0 (0-3), stage 1 (4-11), stage 2 (12-15)
-            rows = [samples[k] for i in range(4) for k in (i, 4 + 2 * i, 5 + 2 * i, 12 + i)]
-            batches = [pack(rows, 3, 2, 4, 384, 384, keep_order=True)]
+            samples = standard_samples(seed, pad_text=True, scale=scale)
+            batches = [pack([samples[k] for k in ROW_ORDER], 3, 2, 4, 384, 384, keep_order=True)]
         else:
             batches = [standard_batch(seed, all_at_longest=layout == "padded", scale=scale)]
         self.batches = [b.to(device) for b in batches]
         self.contexts = [self.model.prepare(b.layout, device, dtype) for b in self.batches]
         if layout == "rows":
-            self.contexts[0].plan = build_row_plan(self.batches[0].layout, 4, device)
+            self.contexts[0].plan = build_row_plan(self.batches[0].layout, ROWS, device)
         self.targets = [torch.randn_like(b.visual) for b in self.batches]
 
     def losses(self):
@@ -408,7 +410,7 @@ def scaling_comparison(device: torch.device, scales: list[int], precisions: dict
         batch = runners["pyraflow"].batch
         visual = batch.layout.num_visual
         flops = training_flops(batch, standard_model_config())
-        row_tokens = runners["reference_columns"].batch.layout.num_text // 4 + visual // 4
+        row_tokens = (runners["reference_columns"].batch.layout.num_text + visual) // ROWS
         entry = {"visual_tokens": visual, "longest_segment_visual": max(batch.layout.visual_lengths),
                  "row_tokens": row_tokens, "gflop_per_step": flops / 1e9}
         base = statistics.median(times["pyraflow"])
@@ -427,11 +429,11 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = variants or list(VARIANTS)
-    precisions = (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     # the peak is the best of two moments (before and after the steps): one short measurement taken while the
-    # host is busy halves it (seen on a shared VM: 183 vs 360 GFLOP/s) and doubles every MFU read against it
-    peak_runs = {p: [matmul_peak_gflops(dtype, device)] for p, dtype in precisions}
-    runs = [(n, p) for n in names for p in ("fp32", "bf16")]
+    # host is busy halves it (seen on a shared VM: 183 vs 300-360 GFLOP/s) and doubles every MFU read against it
+    peak_runs = {p: [matmul_peak_gflops(dtype, device)] for p, dtype in dtypes.items()}
+    runs = [(n, p) for n in names for p in dtypes]
     runners = {(n, p): TrainStep(n, p, device) for n, p in runs}
     times = alternate(runners, steps, warmup, device, "bench rounds", progress)
     flops = training_flops(standard_batch(), standard_model_config())
@@ -467,7 +469,7 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
             if base:
                 entry["pyraflow_speedup"] = base["visual_tokens_per_s"] / entry["visual_tokens_per_s"]
             result["throughput"][label] = entry
-    for p, dtype in precisions:
+    for p, dtype in dtypes.items():
         peak_runs[p].append(matmul_peak_gflops(dtype, device))
     peaks = {p: max(observed) for p, observed in peak_runs.items()}
     if base:
@@ -484,8 +486,8 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
     result["history_cache"] = history_cache_comparison(device)
     result["stability"] = stability()
     if scales:
-        precisions = {n: v["precision"] for n, v in variants_out.items()}
-        result["scaling"] = scaling_comparison(device, scales, precisions, progress=progress)
+        fastest = {n: v["precision"] for n, v in variants_out.items()}
+        result["scaling"] = scaling_comparison(device, scales, fastest, progress=progress)
     return result
 
 

@@ -237,7 +237,7 @@ class Trainer:
             spans = unit_spans(self.config.data.frames, self.config.video.unit_frames)
             texts, drop = captions()
             if self.images is not None:
-                clean = self._swap_in_images(clean, units, texts, drop)
+                self._swap_in_images(clean, units, texts, drop)
             samples, targets = unit_training_samples(self.schedule, clean, stages, units, spans, self.config.video,
                                                      texts, g)
         else:
@@ -255,21 +255,20 @@ class Trainer:
         tokens = packed.layout.num_visual + packed.layout.num_text
         return packed.to(self.info.device), target.to(self.info.device), tokens
 
-    def _swap_in_images(self, clean: torch.Tensor, units: torch.Tensor, texts: list, dropped: torch.Tensor) -> torch.Tensor:
+    def _swap_in_images(self, clean: torch.Tensor, units: torch.Tensor, texts: list, dropped: torch.Tensor) -> None:
         """Give a share of the image examples (unit 0) an image and caption of video.image_dataset instead of a
-        clip's first frame (in place of ``texts``; captions stay null where text dropout chose so)."""
+        clip's first frame, in place in ``clean`` (the batch's own gathered copy) and ``texts`` (captions stay
+        null where text dropout chose so)."""
         g = self.generator
         pick = (units == 0) & (torch.rand(len(units), generator=g) < self.config.video.image_dataset_share)
-        rows = pick.nonzero().flatten().tolist()
-        if not rows:
-            return clean
-        chosen = torch.randint(len(self.images), (len(rows),), generator=g).tolist()
-        clean = clean.clone()
-        for row, j in zip(rows, chosen):
-            clean[row, :, 0] = self.images.latents[j, :, 0]
+        rows = pick.nonzero().flatten()
+        if not len(rows):
+            return
+        chosen = torch.randint(len(self.images), (len(rows),), generator=g)
+        clean[rows, :, 0] = self.images.latents[chosen, :, 0]
+        for row, j in zip(rows.tolist(), chosen.tolist()):
             if not dropped[row]:
                 texts[row] = self.images.text(j)
-        return clean
 
     def _loss(self, packed, target):
         """Mean over samples of each sample's mean squared error on its predicted (non-history) tokens."""
