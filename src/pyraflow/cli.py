@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print JSON only")
     bench.add_argument("--scales", type=_positive_int, nargs="+", default=None, metavar="S",
                        help="also time pyraflow, the reference's rows and one stage per step with latent sides times S "
-                            "(e.g. 2 4; scale 4 takes ~3 min on 2 CPU cores)")
+                            "(e.g. 2 4; both add ~6 min on 2 CPU cores)")
     bench.add_argument("--full", action="store_true",
                        help="also the quality study: train the MNIST demo with 4 stage mixes for equal time, evaluate each")
     bench.add_argument("--minutes", type=float, default=10.0, help="training minutes per variant for --full (default 10)")
