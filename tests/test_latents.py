@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from pyraflow.latents import LatentConfig, build_latent_space
+from pyraflow.config import LatentConfig
+from pyraflow.latents import build_latent_space
 
 
 def test_pixel_space_round_trip():

@@ -2,7 +2,8 @@
 
 import torch
 
-from pyraflow.text import TextConfig, load_null, load_text_encoder as text_encoder, save_null
+from pyraflow.config import TextConfig
+from pyraflow.text import load_null, load_text_encoder as text_encoder, save_null
 
 
 def test_minilm_offline_deterministic_384_wide(monkeypatch):

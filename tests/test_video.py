@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyraflow.config import load_config
+from pyraflow.batching import example_classes
+from pyraflow.config import ScheduleConfig, VideoConfig, load_config
 from pyraflow.packing import HistoryPart, Sample, pack, unpack
-from pyraflow.sampling import sample_video
-from pyraflow.schedule import PyramidSchedule, ScheduleConfig
+from pyraflow.sample import sample_video
+from pyraflow.schedule import PyramidSchedule
 from pyraflow.text import TextEmbedding
-from pyraflow.video import (VideoConfig, example_classes, history_parts, history_stage, unit_spans,
-                            unit_training_samples)
+from pyraflow.train.objective import unit_examples
+from pyraflow.video import history_parts, history_stage, unit_spans
 from helpers import CHANNELS, POOLED_DIM, TEXT_DIM, randomised_model
 
 SCHEDULE = PyramidSchedule(ScheduleConfig(stages=3))
@@ -79,14 +80,14 @@ def test_history_positions_are_absolute_frames_and_aligned_across_resolutions():
         fine = torch.arange(16 // 2, dtype=torch.float32)
         centres = fine.view(-1, d).mean(1)
         assert torch.equal(piece[0, :, 0, 1], centres) and torch.equal(piece[0, 0, :, 2], centres)
-        assert torch.equal(lay.frame[start : start + n], torch.full((n,), part.unit))
+        assert torch.equal(lay.causal_index[start : start + n], torch.full((n,), part.unit))
         start += n
     assert lay.history_lengths == [start - 8 * 8 * 2]
     assert batch.timestep.numel() == 4  # one run per history part, one for the predicted unit
 
 
-@pytest.mark.parametrize("backend", ["reference", "grouped", "flex"])
-def test_a_unit_does_not_depend_on_later_units(backend):
+@pytest.mark.parametrize("backend", ["grouped", "flash", "flex"])
+def test_a_unit_does_not_depend_on_later_units(backend, flash_on_cpu):
     model = randomised_model(3, attention=backend, temporal_causal=True)
     clip = video(2)
     changed = clip.clone()
@@ -100,15 +101,15 @@ def test_a_unit_does_not_depend_on_later_units(backend):
 
     a, lay = outputs(clip)
     b, _ = outputs(changed)
-    units = lay.frame
+    units = lay.causal_index
     for u in (0, 1):
         torch.testing.assert_close(a[units == u], b[units == u], rtol=0, atol=1e-5)  # fp32 order noise only
     for u in (2, 3):  # a change there does show (the test can fail)
         assert not torch.allclose(a[units == u], b[units == u], atol=1e-3)
 
 
-@pytest.mark.parametrize("backend", ["reference", "grouped"])
-def test_packed_samples_with_histories_equal_each_alone(backend):
+@pytest.mark.parametrize("backend", ["grouped", "flash", "flex"])
+def test_packed_samples_with_histories_equal_each_alone(backend, flash_on_cpu):
     model = randomised_model(4, attention=backend, temporal_causal=True)
     samples = [unit_sample(video(10 + i), unit=u, stage=k, seed=i, sigma=0.05, length=3 + i)
                for i, (u, k) in enumerate([(3, 2), (1, 0), (0, 1), (3, 2), (2, 1), (3, 0)])]
@@ -126,8 +127,8 @@ def test_training_samples_noise_the_history_and_target_the_unit():
     clips = torch.stack([video(20), video(21), video(22)])
     stages, units = torch.tensor([2, 1, 0]), torch.tensor([3, 0, 2])
     texts = [text(i) for i in range(3)]
-    samples, targets = unit_training_samples(SCHEDULE, clips, stages, units, SPANS, config, texts,
-                                             torch.Generator().manual_seed(0))
+    samples = unit_examples(SCHEDULE, clips, stages, units, SPANS, config, texts, torch.Generator().manual_seed(0))
+    targets = [s.target for s in samples]
     assert len(samples) == 3
     by_unit = {s.unit: (s, t) for s, t in zip(samples, targets)}
     s, t = by_unit[3]
@@ -277,7 +278,7 @@ def test_an_image_dataset_trains_beside_the_clips_as_unit_0(tmp_path, monkeypatc
     """video.image_dataset: unit-0 examples take images and captions from it; later units keep their clips."""
     from PIL import Image
 
-    import pyraflow.training as training
+    import pyraflow.train.trainer as training
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -292,9 +293,9 @@ def test_an_image_dataset_trains_beside_the_clips_as_unit_0(tmp_path, monkeypatc
     seen = []
     next_batch = trainer.batcher.next_batch
     monkeypatch.setattr(trainer.batcher, "next_batch", lambda: seen.append(next_batch()) or seen[-1])
-    real = training.unit_training_samples
+    real = training.unit_examples
     calls = []
-    monkeypatch.setattr(training, "unit_training_samples",
+    monkeypatch.setattr(training, "unit_examples",
                         lambda *a, **k: calls.append((a[1], a[3], a[6])) or real(*a, **k))
     for _ in range(3):
         trainer._micro_batch()

@@ -5,18 +5,19 @@
                             trainer.pt (optimizer, LR schedule, batcher, RNG states, counters)
   RUN/checkpoints/latest -> step-N   a symlink, replaced atomically
 
-A checkpoint is assembled in a hidden temporary directory and renamed into place; ``latest`` is moved
-with an atomic symlink replace. A crash at any moment leaves the previous ``latest`` intact.
+A checkpoint is assembled in a temporary directory and renamed into place (pyraflow.storage); ``latest`` is
+moved with an atomic symlink replace. A crash at any moment leaves the previous ``latest`` intact.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
+
+from pyraflow.storage import atomic_path, remove_partials
 
 REQUIRED = ("config.json", "model.safetensors", "ema.safetensors", "null_text.safetensors", "run.yaml", "trainer.pt")
 
@@ -25,22 +26,15 @@ def write_checkpoint(run_dir: Path, step: int, writer, keep: int) -> Path:
     """Call ``writer(tmp_dir)`` to fill a fresh directory, then publish it as step-N and latest."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    remove_partials(root)  # left by a run that died while writing
     final = root / f"step-{step}"
-    for stale in root.glob(".step-*.tmp"):  # left by a run that died while writing
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".step-{step}.tmp"
-    tmp.mkdir()
-    writer(tmp)
-    for name in REQUIRED:
-        assert (tmp / name).is_file(), f"checkpoint writer did not produce {name}"
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    link = root / ".latest.tmp"
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    os.symlink(final.name, link)
-    os.replace(link, root / "latest")
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        writer(tmp)
+        for name in REQUIRED:
+            assert (tmp / name).is_file(), f"checkpoint writer did not produce {name}"
+    with atomic_path(root / "latest") as link:
+        os.symlink(final.name, link)
     steps = sorted((int(p.name.split("-")[1]) for p in root.glob("step-*") if p.name.split("-")[1].isdigit()))
     for old in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(root / f"step-{old}", ignore_errors=True)
@@ -87,10 +81,3 @@ def load_trainer_state(path: Path) -> dict:
         return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     except Exception as err:
         raise ValueError(f"{path / 'trainer.pt'} cannot be read ({err}); the checkpoint is corrupt, use an earlier step-N.") from err
-
-
-def read_model_config(path: Path) -> dict:
-    try:
-        return json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path / 'config.json'} is not valid JSON ({err}); the checkpoint is corrupt.") from err

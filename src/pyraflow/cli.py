@@ -28,6 +28,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _device(name: str | None):
+    """--device as a torch.device (None: the default, CUDA when present), refusing one this machine lacks."""
+    if name is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not a device name ({err}); use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device; use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    return device
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyraflow", description="Pyramidal flow matching with a multi-stage MMDiT."
@@ -71,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--allow-longer", action="store_true",
                         help="allow --frames beyond the training clip length (history limited to the trained units)")
     sample.add_argument("--no-cache", action="store_true", help="recompute text and history at every step (slower)")
+    sample.add_argument("--device", metavar="DEVICE", help="where to sample: cpu, cuda, cuda:1 ... (default: cuda when present)")
 
     evaluate = commands.add_parser("eval", help="FID (EfficientNet-Lite0) and, for mnist, digit accuracy of a run's samples")
     evaluate.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory or checkpoints/step-N")
@@ -79,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--guidance", type=float, help="guidance scale (default: the run's)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--json", action="store_true", help="print JSON only")
+    evaluate.add_argument("--device", metavar="DEVICE", help="where to sample: cpu, cuda, ... (default: cuda when present)")
 
     bench = commands.add_parser("bench", help="time training steps of the attention backends (JSON keys in BENCHMARKS.md)")
     bench.add_argument("--steps", type=_positive_int, default=10, help="timed steps per variant (default 10)")
@@ -99,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args) -> int:
     import logging
 
-    from pyraflow.training import TrainingStopped, run_training
+    from pyraflow.train import TrainingStopped, run_training
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_config(args.config, args.overrides)
@@ -118,7 +137,7 @@ def _train(args) -> int:
 def _prepare(args) -> int:
     import logging
 
-    from pyraflow.cache import prepare
+    from pyraflow.data import prepare
     from pyraflow.latents import build_latent_space
     from pyraflow.text import load_text_encoder
 
@@ -138,7 +157,8 @@ def _prepare(args) -> int:
 def _sample(args) -> int:
     from pathlib import Path
 
-    from pyraflow.sampling import VIDEO_SUFFIXES, contact_sheet, load_pipeline, write_video
+    from pyraflow.media import VIDEO_SUFFIXES, contact_sheet, write_image, write_video
+    from pyraflow.sample import load_pipeline
 
     if not args.prompt:
         raise ValueError("give at least one --prompt TEXT (e.g. --prompt 'a handwritten digit seven').")
@@ -148,11 +168,10 @@ def _sample(args) -> int:
         raise ValueError(f"--out {out} must end in .gif or .mp4 when --frames or --image is given.")
     if not wants_video and out.suffix.lower() not in VIDEO_SUFFIXES + (".png", ".jpg", ".jpeg"):
         raise ValueError(f"--out {out} must end in .png (an image grid), .gif or .mp4 (videos).")
-    pipeline = load_pipeline(args.checkpoint)
+    pipeline = load_pipeline(args.checkpoint, _device(args.device))
     steps = [args.steps] * pipeline.schedule.num_stages if args.steps else None
     if out.suffix.lower() in VIDEO_SUFFIXES:
         from pyraflow.data import read_image
-        from pyraflow.sampling import write_image
 
         num = args.num or 1
         image = read_image(args.image, pipeline.config.data.channels) if args.image else None
@@ -195,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from pyraflow.evaluation import evaluate
 
-            result = evaluate(args.checkpoint, args.num, args.seed, args.steps, args.guidance, progress=not args.json)
+            result = evaluate(args.checkpoint, args.num, args.seed, args.steps, args.guidance, progress=not args.json,
+                              device=_device(args.device))
             if args.json:
                 print(json.dumps(result, indent=2))
             else:
@@ -205,18 +225,21 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"digit accuracy: {100 * result['digit_accuracy']:.1f}% (classifier on held-out digits: "
                           f"{100 * result['classifier_heldout_accuracy']:.1f}%)")
         elif args.command == "bench":
-            from pyraflow.bench import format_bench, run_bench
+            from pyraflow.bench.speed import format_bench, run_bench
 
             result = run_bench(steps=args.steps, warmup=args.warmup, threads=args.threads, progress=not args.json,
                                scales=args.scales)
             if args.full:
-                from pyraflow.study import quality_study
+                from pyraflow.bench.study import quality_study
 
                 result["quality"] = quality_study(args.out, args.minutes, args.seeds, progress=not args.json)
             print(json.dumps(result, indent=2) if args.json else format_bench(result))
     except (ValueError, FileNotFoundError) as err:
         print(f"pyraflow {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"pyraflow {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -6,60 +6,12 @@ Latents are normalised as (z - shift) * scale so they have roughly unit variance
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from einops import rearrange
 
-
-@dataclass
-class LatentConfig:
-    kind: str = "pixel"
-    """``pixel`` (train on pixels) or ``vae`` (a diffusers AutoencoderKL in ``path``)."""
-    path: str | None = None
-    """Local directory of the AutoencoderKL (config.json + weights) for kind=vae."""
-    scale: float | None = None
-    """Latent scale; None: 1 for pixels, the VAE config's scaling_factor for vae."""
-    shift: float | None = None
-    """Latent shift; None: 0 for pixels, the VAE config's shift_factor (or 0) for vae."""
-    channels: int | None = None
-    """Latent channels; None: the image channels for pixels, read from the VAE config for vae."""
-    downsample: int | None = None
-    """Pixels per latent per side; None: 1 for pixels, read from the VAE config for vae."""
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("pixel", "vae"):
-            raise ValueError(f"latent.kind={self.kind!r} must be 'pixel' or 'vae'.")
-        if self.kind == "vae" and self.path is None and (self.channels is None or self.downsample is None):
-            raise ValueError(
-                "latent.kind=vae needs latent.path (a local AutoencoderKL directory), or latent.channels and "
-                "latent.downsample for planning without the weights."
-            )
-        if self.kind == "pixel" and self.downsample not in (None, 1):
-            raise ValueError(f"latent.downsample={self.downsample} must be 1 (or unset) in pixel space.")
-
-    def vae_config(self) -> dict:
-        import json
-
-        path = Path(self.path) / "config.json"
-        if not path.is_file():
-            raise ValueError(f"latent.path={self.path!r} has no config.json; point it at a diffusers AutoencoderKL directory.")
-        return json.loads(path.read_text())
-
-    def resolved_channels(self, image_channels: int) -> int:
-        if self.channels is not None:
-            return self.channels
-        if self.kind == "pixel":
-            return image_channels
-        return int(self.vae_config()["latent_channels"])
-
-    def resolved_downsample(self) -> int:
-        if self.downsample is not None:
-            return self.downsample
-        if self.kind == "pixel":
-            return 1
-        return 2 ** (len(self.vae_config()["block_out_channels"]) - 1)
+from pyraflow.config import LatentConfig
 
 
 class PixelSpace:

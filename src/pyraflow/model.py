@@ -26,72 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from pyraflow.attention import (BACKENDS, AttentionPlan, PrefixPlan, attend, attend_prefixed, build_plan,
-                                build_prefix_plan, resolve_backend)
+from pyraflow.attention import Attention, PrefixAttention, build_attention, resolve_backend
+from pyraflow.config import ModelConfig
 from pyraflow.packing import Layout, PackedBatch
+from pyraflow.storage import atomic_path
 
-
-@dataclass
-class ModelConfig:
-    """Shape of the MMDiT. Widths in channels; head_dim = width / num_heads."""
-
-    in_channels: int = 1
-    """Latent channels of the visual input (and output); in a run config it follows the latents."""
-    patch_size: int = 4
-    width: int = 256
-    depth: int = 6
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
-    text_dim: int = 384
-    """Width of the text encoder's token states."""
-    pooled_dim: int = 384
-    """Width of the pooled text vector that joins the timestep in the adaLN conditioning."""
-    rope_axes: list[int] | None = None
-    """Head dims given to the (t, h, w) RoPE axes; even numbers summing to head_dim. None: 1/4, 3/8, 3/8."""
-    rope_theta: float = 10000.0
-    attention: str = "auto"
-    """Attention backend: auto, reference, grouped, flex or flash (see pyraflow.attention)."""
-    temporal_causal: bool = False
-    """Visual tokens see only their own and earlier frames (and the text); text sees only text."""
-    checkpoint_fraction: float = 0.0
-    """Fraction of blocks (the first ones) whose activations are recomputed in backward to save memory."""
-    modulation: str = "broadcast"
-    """``broadcast``: adaLN vectors broadcast per segment over groups of equal segments (no per-token copy).
-    ``per-token``: gathered to every token, as the reference does; kept only as a baseline for ``pyraflow bench``."""
-
-    def __post_init__(self) -> None:
-        for name in ("in_channels", "patch_size", "width", "depth", "num_heads", "text_dim", "pooled_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.{name}={value!r} must be a positive integer.")
-        if self.width % self.num_heads:
-            raise ValueError(f"model.width={self.width} must be divisible by model.num_heads={self.num_heads}.")
-        head_dim = self.width // self.num_heads
-        axes = self.axes()
-        if len(axes) != 3 or sum(axes) != head_dim or any(a < 2 or a % 2 for a in axes):
-            raise ValueError(
-                f"model.rope_axes={axes} must be three positive even numbers summing to head_dim={head_dim}."
-            )
-        if self.attention not in BACKENDS:
-            raise ValueError(f"model.attention={self.attention!r} is unknown; use one of {', '.join(BACKENDS)}.")
-        if not 0.0 <= self.checkpoint_fraction <= 1.0:
-            raise ValueError(f"model.checkpoint_fraction={self.checkpoint_fraction} must be in [0, 1].")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"model.mlp_ratio={self.mlp_ratio} must be > 0.")
-        if self.modulation not in ("broadcast", "per-token"):
-            raise ValueError(f"model.modulation={self.modulation!r} must be 'broadcast' or 'per-token'.")
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.num_heads
-
-    def axes(self) -> list[int]:
-        if self.rope_axes is not None:
-            return list(self.rope_axes)
-        d = self.width // self.num_heads
-        t = 2 * max(1, d // 8)
-        h = 2 * ((d - t) // 4)
-        return [t, h, d - t - h]
+TIMESTEP_FEATURES = 256  # sinusoidal features of the timestep before the conditioning MLP
+MAX_BROADCAST_BLOCKS = 8  # above this many blocks of equal-length runs, one gather beats a loop over blocks
+WEIGHTS = "model.safetensors"
 
 
 class RunBroadcast:
@@ -99,14 +41,12 @@ class RunBroadcast:
 
     Runs are consecutive slices of a stream. Where they come in a few blocks of equal length, each block
     is viewed as (runs, length, D) and the vectors broadcast over it — no per-token copy. Where runs of
-    many different lengths alternate (text of varied lengths), one gather to (N, D) is cheaper than a
-    Python loop over blocks. Gathers use index_select: its backward (index_add) is ~6x faster on CPU than
-    that of ``v[index]`` (index_put with accumulate).
+    many different lengths alternate (text of varied lengths), more than ``max_blocks`` blocks, one gather
+    to (N, D) is cheaper than a Python loop over blocks. Gathers use index_select, whose backward is an
+    index_add (``v[index]``'s backward, index_put with accumulation, is much slower on CPU).
     """
 
-    MAX_BLOCKS = 8
-
-    def __init__(self, run_lengths: list[int], device: torch.device, per_token: bool = False):
+    def __init__(self, run_lengths: list[int], device: torch.device, max_blocks: int = MAX_BROADCAST_BLOCKS):
         blocks: list[list[int]] = []  # [token_start, token_end, run_start, run_end, length]
         token = 0
         for r, length in enumerate(run_lengths):
@@ -120,7 +60,7 @@ class RunBroadcast:
         self.token_sizes = [b[1] - b[0] for b in blocks]
         self.run_sizes = [b[3] - b[2] for b in blocks]
         self.index = None
-        if per_token or len(blocks) > self.MAX_BLOCKS:
+        if len(blocks) > max_blocks:
             lengths = torch.tensor(run_lengths, device=device)
             self.index = torch.repeat_interleave(torch.arange(len(run_lengths), device=device), lengths)
 
@@ -142,10 +82,6 @@ class RunBroadcast:
         return torch.cat(out)
 
 
-def _modulate(x, shift, scale):
-    return x * (1 + scale) + shift
-
-
 def _gated_add(residual, y, gate):
     return residual + gate * y
 
@@ -161,15 +97,14 @@ def _norm_modulate(x, shift, scale):
 
 
 class Context:
-    """What every block needs about the batch, computed once per forward."""
+    """What every block needs about the batch, computed once per batch and reusable across forwards."""
 
-    def __init__(self, layout: Layout, plan: AttentionPlan | PrefixPlan, rope: torch.Tensor,
-                 device, per_token: bool = False):
+    def __init__(self, layout: Layout, attention: Attention | PrefixAttention, rope: torch.Tensor, device):
         self.layout = layout
-        self.plan = plan
+        self.attention = attention
         self.rope = rope  # complex rotations: (Nv, 1, head_dim / 2)
-        self.visual = RunBroadcast(layout.run_lengths, device, per_token)
-        self.text = RunBroadcast(layout.text_lengths, device, per_token)
+        self.visual = RunBroadcast(layout.run_lengths, device)
+        self.text = RunBroadcast(layout.text_lengths, device)
 
 
 @dataclass
@@ -196,9 +131,8 @@ def rope_tables(positions: torch.Tensor, axes: list[int], theta: float) -> torch
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x[2i], x[2i+1]) of x (N, H, Dh) by the angles of ``rotation`` (N, 1, Dh/2).
-
-    As one complex product: 3x faster forward + backward on CPU than four real products and a stack."""
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of x (N, H, Dh) by the angles of ``rotation`` (N, 1, Dh/2),
+    as one complex product (fewer kernels, forward and backward, than real products and a stack)."""
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
@@ -244,7 +178,7 @@ class MMDiTBlock(nn.Module):
         qv, kv, vv, mod_v = self._visual_qkv(x_visual, cond_visual, ctx)
         if record is not None:
             record.append((kt, vt, kv, vv))
-        out_text, out_visual = attend((qt, kt, vt), (qv, kv, vv), ctx.plan)
+        out_text, out_visual = ctx.attention((qt, kt, vt), (qv, kv, vv))
         x_visual = self.visual.finish(x_visual, out_visual.flatten(-2), mod_v, ctx.visual)
         if not self.text.pre_only:
             x_text = self.text.finish(x_text, out_text.flatten(-2), mod_t, ctx.text)
@@ -257,11 +191,11 @@ class MMDiTBlock(nn.Module):
     def forward_prefixed(self, x_visual, cond_visual, ctx: Context, cached: tuple[torch.Tensor, ...]):
         """The visual stream of the predicted tokens only, attending to cached text and history keys/values."""
         qv, kv, vv, mod_v = self._visual_qkv(x_visual, cond_visual, ctx)
-        out_visual = attend_prefixed((qv, kv, vv), cached, ctx.plan)
+        out_visual = ctx.attention((qv, kv, vv), cached)
         return self.visual.finish(x_visual, out_visual.flatten(-2), mod_v, ctx.visual)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int = TIMESTEP_FEATURES, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features of timesteps on the 0..1000 axis: (R,) -> (R, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
@@ -277,7 +211,7 @@ class MultiStageMMDiT(nn.Module):
         patch_dim = cfg.in_channels * cfg.patch_size**2
         self.visual_in = nn.Linear(patch_dim, d)
         self.text_in = nn.Linear(cfg.text_dim, d)
-        self.time_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_mlp = nn.Sequential(nn.Linear(TIMESTEP_FEATURES, d), nn.SiLU(), nn.Linear(d, d))
         self.pooled_mlp = nn.Sequential(nn.Linear(cfg.pooled_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.blocks = nn.ModuleList([MMDiTBlock(cfg, last=i == cfg.depth - 1) for i in range(cfg.depth)])
         self.final_modulation = nn.Linear(d, 2 * d)
@@ -324,14 +258,14 @@ class MultiStageMMDiT(nn.Module):
 
     def prepare(self, layout: Layout, device: torch.device, dtype: torch.dtype = torch.float32,
                 prefix: PrefixCache | None = None) -> Context:
-        """Attention plan, RoPE tables and modulation layout for one batch (reusable across calls)."""
+        """Attention, RoPE tables and modulation layout for one batch (reusable across forwards)."""
         cfg = self.config
         if prefix is not None:
-            plan = build_prefix_plan(layout, prefix.layout, device)
+            attention = PrefixAttention(layout, prefix.layout, device)
         else:
-            plan = build_plan(layout, resolve_backend(cfg.attention, device, dtype), cfg.temporal_causal, device)
+            attention = build_attention(layout, resolve_backend(cfg.attention, device, dtype), cfg.temporal_causal, device)
         rope = rope_tables(layout.positions.to(device), cfg.axes(), cfg.rope_theta)
-        return Context(layout, plan, rope, device, per_token=cfg.modulation == "per-token")
+        return Context(layout, attention, rope, device)
 
     def forward(self, batch: PackedBatch, context: Context | None = None, prefix: PrefixCache | None = None,
                 record: list | None = None) -> torch.Tensor:
@@ -351,7 +285,7 @@ class MultiStageMMDiT(nn.Module):
         cond = F.silu(cond)  # (R, D), shared by every modulation layer
         x_visual = self.visual_in(batch.visual)  # (Nv, D)
         if prefix is not None:
-            if not isinstance(ctx.plan, PrefixPlan):
+            if not isinstance(ctx.attention, PrefixAttention):
                 raise ValueError("a prefix cache needs a context prepared with it: model.prepare(layout, device, prefix=cache).")
             for block, cached in zip(self.blocks, prefix.blocks):
                 x_visual = block.forward_prefixed(x_visual, cond, ctx, cached)
@@ -378,39 +312,30 @@ class MultiStageMMDiT(nn.Module):
         return PrefixCache(prefix.layout, record)
 
     # ----- persistence -----------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json and model.safetensors (written to temporary names, then renamed)."""
+    def save_pretrained(self, directory: str | Path, weights: str = WEIGHTS) -> None:
+        """Write config.json and the weights (safetensors), each published atomically."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp_config = directory / "config.json.tmp"
-        tmp_config.write_text(json.dumps(asdict(self.config), indent=2))
-        tmp_weights = directory / "model.safetensors.tmp"
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp_weights))
-        tmp_config.replace(directory / "config.json")
-        tmp_weights.replace(directory / "model.safetensors")
+        with atomic_path(directory / "config.json") as tmp:
+            tmp.write_text(json.dumps(asdict(self.config), indent=2))
+        with atomic_path(directory / weights) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides) -> "MultiStageMMDiT":
-        """Load a model written by save_pretrained; ``overrides`` change runtime-only fields (e.g. attention)."""
+    def from_pretrained(cls, directory: str | Path, weights: str = WEIGHTS, **overrides) -> "MultiStageMMDiT":
+        """Load a model written by save_pretrained (or a pyraflow checkpoint, whose EMA weights are
+        ``ema.safetensors``); ``overrides`` change runtime-only fields (e.g. attention). Every way the files can
+        be wrong (missing, not JSON, unknown fields, unreadable or mismatched weights) is a named error."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        config_path, weights_path = directory / "config.json", directory / "model.safetensors"
+        config_path, weights_path = directory / "config.json", directory / weights
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing; point at a directory written by save_pretrained.")
-        try:
-            raw = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_path} is not valid JSON ({err}); the checkpoint is corrupt.") from err
-        known = {f.name for f in fields(ModelConfig)}
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"{config_path} has unknown model fields {sorted(unknown)}; was it written by pyraflow?")
-        model = cls(ModelConfig(**{**raw, **overrides}))
+        model = cls(ModelConfig(**{**read_model_config(config_path), **overrides}))
         try:
             state = load_file(str(weights_path))
         except (SafetensorError, OSError) as err:
@@ -421,6 +346,24 @@ class MultiStageMMDiT(nn.Module):
                 f"{weights_path} does not match its config.json: missing {missing[:3]}, unexpected {unexpected[:3]}."
             )
         return model
+
+
+LEGACY_MODEL_FIELDS = {"modulation": "broadcast"}  # fields of older checkpoints that are now always this value
+
+
+def read_model_config(path: Path) -> dict:
+    """The fields of a model config.json, checked to be ModelConfig fields."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the checkpoint is corrupt.") from err
+    for key, value in LEGACY_MODEL_FIELDS.items():
+        if raw.get(key, value) == value:
+            raw.pop(key, None)
+    unknown = set(raw) - {f.name for f in fields(ModelConfig)}
+    if unknown:
+        raise ValueError(f"{path} has unknown model fields {sorted(unknown)}; was it written by pyraflow?")
+    return raw
 
 
 def linear_flops_per_token(cfg: ModelConfig) -> float:

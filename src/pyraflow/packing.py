@@ -17,6 +17,9 @@ batch the group without a dense mask. ``PackedBatch.order`` remembers the caller
 ``keep_order=True`` keeps the caller's order instead (groups are then runs of consecutive equal
 segments), for layouts that fix the order themselves, e.g. the reference's rows in ``pyraflow.bench``.
 
+A sample may carry its velocity target; the PackedBatch then holds the targets of the predicted tokens in
+packed order, with the packed segment of each predicted token, so a loss needs nothing else.
+
 Visual positions are (t, h, w) in full-resolution token units: a stage-k token covers d = 2**(K-1-k)
 fine tokens per side, and sits at their centre, (i + 0.5) * d - 0.5, so a coarse token and the fine
 tokens it covers share a place for RoPE.
@@ -58,6 +61,7 @@ class Sample:
     first_frame: absolute index of the latent's first frame.
     unit: causal index of the latent. None: each frame is its own causal step (frame index); set, all
     frames of the latent share it and every history part must have a smaller unit.
+    target: (C', T, H, W) velocity target of the predicted frames (training), or None.
     """
 
     stage: int
@@ -68,6 +72,7 @@ class Sample:
     history: list[HistoryPart] = field(default_factory=list)
     first_frame: int = 0
     unit: int | None = None
+    target: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,7 @@ class Group:
     """Consecutive packed segments with the same visual layout (parts, shapes and runs)."""
 
     segments: range  # packed segment indices
-    signature: tuple  # what makes segments alike: per part (stage, grid, runs)
+    signature: tuple  # what makes segments alike: per part (stage, grid, runs, causal steps per frame)
     visual_length: int  # visual tokens per segment
     visual_start: int  # first visual token of the group
 
@@ -96,7 +101,7 @@ class Layout:
     visual_offsets: list[int]  # len B + 1
     groups: list[Group]
     positions: torch.Tensor  # (Nv, 3) float (t, h, w) in full-resolution token units
-    frame: torch.Tensor  # (Nv,) long causal time index of each visual token (frame, or unit for video units)
+    causal_index: torch.Tensor  # (Nv,) long causal step of each visual token: its frame, or its unit for video units
     run_lengths: list[int]  # visual tokens of each conditioning run, in stream order
     run_segment: torch.Tensor  # (R,) long segment of each conditioning run
     text_run: torch.Tensor  # (B,) long the run whose conditioning the segment's text stream uses
@@ -113,10 +118,19 @@ class Layout:
     def num_visual(self) -> int:
         return self.visual_offsets[-1]
 
+    @property
+    def predicted_lengths(self) -> list[int]:
+        """Predicted (non-history) visual tokens per packed segment."""
+        return [v - h for v, h in zip(self.visual_lengths, self.history_lengths)]
+
     def predicted_index(self) -> torch.Tensor:
         """Visual-stream indices of the predicted (non-history) tokens, segment by segment."""
         return torch.cat([torch.arange(self.visual_offsets[b] + self.history_lengths[b], self.visual_offsets[b + 1])
                           for b in range(self.num_segments)])
+
+    def predicted_segment(self) -> torch.Tensor:
+        """(N_predicted,) long: the packed segment of each predicted token."""
+        return torch.repeat_interleave(torch.arange(self.num_segments), torch.tensor(self.predicted_lengths))
 
     def cu_seqlens(self) -> torch.Tensor:
         """(B + 1,) int32 offsets of the joint [text; visual] segments, as flash-attn varlen expects."""
@@ -131,11 +145,25 @@ class PackedBatch:
     pooled: torch.Tensor  # (B, D_pooled) per packed segment
     timestep: torch.Tensor  # (R,) one per conditioning run
     layout: Layout
+    predicted: torch.Tensor  # (N_predicted,) long visual-stream index of every predicted (non-history) token
+    predicted_segment: torch.Tensor  # (N_predicted,) long packed segment of each predicted token
+    target: torch.Tensor | None = None  # (N_predicted, C' * p * p) velocity targets, when the samples carry them
 
-    def to(self, device: torch.device | str) -> "PackedBatch":
-        return PackedBatch(
-            self.visual.to(device), self.text.to(device), self.pooled.to(device), self.timestep.to(device), self.layout
-        )
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
+        """The tensors on ``device`` (the layout's host-side metadata stays where it is)."""
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return PackedBatch(move(self.visual), move(self.text), move(self.pooled), move(self.timestep), self.layout,
+                           move(self.predicted), move(self.predicted_segment), move(self.target))
+
+    def pin_memory(self) -> "PackedBatch":
+        """Page-locked copies, so a DataLoader hands batches to CUDA without a synchronous copy."""
+        def pin(t):
+            return None if t is None else t.pin_memory()
+
+        return PackedBatch(pin(self.visual), pin(self.text), pin(self.pooled), pin(self.timestep), self.layout,
+                           pin(self.predicted), pin(self.predicted_segment), pin(self.target))
 
 
 def patchify(latent: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -194,6 +222,8 @@ def _check(i: int, s: Sample, num_stages: int, patch_size: int, channels: int | 
     n = torch.as_tensor(s.timestep).numel()
     if n not in (1, t):
         raise ValueError(f"{where}: {n} timesteps for {t} frames; give one timestep or one per frame.")
+    if s.target is not None and (s.target.dim() != 4 or s.target.shape[1:] != s.latent.shape[1:]):
+        raise ValueError(f"{where}: target has shape {tuple(s.target.shape)}; expected (C', {t}, {h}, {w}) like the latent.")
     if s.history and s.unit is None:
         raise ValueError(f"{where}: a sample with history needs its unit (causal index) set.")
     units = [part.unit for part in s.history] + ([s.unit] if s.unit is not None else [])
@@ -217,16 +247,21 @@ def pack(
         raise ValueError("cannot pack an empty batch: give at least one sample.")
     for i, s in enumerate(samples):
         _check(i, s, num_stages, patch_size, channels, text_dim, pooled_dim)
+    with_target = [s.target is not None for s in samples]
+    if any(with_target) and not all(with_target):
+        raise ValueError("some samples carry a target and others do not; give every sample a target, or none.")
 
     def signature(s: Sample) -> tuple:
-        parts = [(p.stage, tuple(p.latent.shape[1:]), 1) for p in s.history]
-        return tuple(parts + [(s.stage, tuple(s.latent.shape[1:]), torch.as_tensor(s.timestep).numel())])
+        # Segments of one group share their attention mask, so the causal structure is part of the signature: a
+        # history part is one causal step, a predicted latent one step per frame (unit None) or one in all.
+        parts = [(p.stage, tuple(p.latent.shape[1:]), 1, False) for p in s.history]
+        return tuple(parts + [(s.stage, tuple(s.latent.shape[1:]), torch.as_tensor(s.timestep).numel(), s.unit is None)])
 
     signatures = [signature(s) for s in samples]
     order = list(range(len(samples)))
     if not keep_order:
         order.sort(key=lambda i: (signatures[i], samples[i].text.shape[0]))
-    visual, text, pooled, timestep, positions, frames = [], [], [], [], [], []
+    visual, text, pooled, timestep, positions, causal, targets = [], [], [], [], [], [], []
     shapes, stages, text_lengths, visual_lengths, history_lengths = [], [], [], [], []
     run_lengths, run_segment, text_run = [], [], []
     groups: list[Group] = []
@@ -242,7 +277,7 @@ def pack(
             visual.append(tokens)
             timestep.append(torch.tensor([float(part.timestep)]))
             positions.append(token_positions(grid, 2 ** (num_stages - 1 - part.stage), part.first_frame))
-            frames.append(torch.full((tokens.shape[0],), part.unit))
+            causal.append(torch.full((tokens.shape[0],), part.unit))
             run_lengths.append(tokens.shape[0])
             visual_offset += tokens.shape[0]
         history_lengths.append(visual_offset - start)
@@ -253,9 +288,9 @@ def pack(
         positions.append(token_positions(grid, 2 ** (num_stages - 1 - s.stage), s.first_frame))
         per_frame = grid[1] * grid[2]
         if s.unit is None:
-            frames.append((torch.arange(t) + s.first_frame).repeat_interleave(per_frame))
+            causal.append((torch.arange(t) + s.first_frame).repeat_interleave(per_frame))
         else:
-            frames.append(torch.full((tokens.shape[0],), s.unit))
+            causal.append(torch.full((tokens.shape[0],), s.unit))
         run_lengths += [tokens.shape[0] // steps.numel()] * steps.numel()
         visual_offset += tokens.shape[0]
         runs = len(s.history) + steps.numel()
@@ -271,6 +306,8 @@ def pack(
             groups[-1] = Group(range(g.segments.start, b + 1), sig, length, g.visual_start)
         else:
             groups.append(Group(range(b, b + 1), sig, length, start))
+        if s.target is not None:
+            targets.append(patchify(s.target, patch_size))
         text.append(s.text)
         pooled.append(s.pooled)
         shapes.append((c, t, h, w))
@@ -297,7 +334,7 @@ def pack(
         visual_offsets=offsets(visual_lengths),
         groups=groups,
         positions=torch.cat(positions),
-        frame=torch.cat(frames),
+        causal_index=torch.cat(causal),
         run_lengths=run_lengths,
         run_segment=torch.tensor(run_segment, dtype=torch.long),
         text_run=torch.tensor(text_run, dtype=torch.long),
@@ -308,6 +345,9 @@ def pack(
         pooled=torch.stack(pooled),
         timestep=torch.cat(timestep),
         layout=layout,
+        predicted=layout.predicted_index(),
+        predicted_segment=layout.predicted_segment(),
+        target=torch.cat(targets) if targets else None,
     )
 
 
@@ -327,3 +367,22 @@ def unpack(tokens: torch.Tensor, layout: Layout, channels: int | None = None) ->
         out[i] = unpatchify(tokens[first : first + n], (c, t, h, w), layout.patch_size)
         start += n
     return out  # type: ignore[return-value]
+
+
+def unpack_stacked(tokens: torch.Tensor, layout: Layout, channels: int | None = None) -> torch.Tensor:
+    """Like ``unpack`` for predicted latents that all have one shape, as one (B, C', T, H, W) tensor in the caller's
+    order, computed on the tokens' device without a loop over samples.
+
+    tokens: (N_predicted, C' * p * p) over the predicted tokens, in packed order.
+    """
+    shapes = set(layout.shapes)
+    if len(shapes) != 1:
+        raise ValueError(f"unpack_stacked needs predicted latents of one shape; this batch has {sorted(shapes)}.")
+    c, t, h, w = shapes.pop()
+    p = layout.patch_size
+    per_segment = tokens.view(layout.num_segments, -1, tokens.shape[-1])  # packed order
+    caller = torch.empty(layout.num_segments, dtype=torch.long)
+    caller[torch.tensor(layout.order)] = torch.arange(layout.num_segments)
+    ordered = per_segment.index_select(0, caller.to(tokens.device))
+    return rearrange(ordered, "b (t h w) (c p q) -> b c t (h p) (w q)", t=t, h=h // p, w=w // p, p=p, q=p,
+                     c=channels or c)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from pyraflow.batching import TokenBudgetBatcher
+from pyraflow.batching import TokenBudgetBatcher, example_classes
 from pyraflow.config import Config
+from pyraflow.data import planned_size
 from pyraflow.model import estimate_activation_bytes
 from pyraflow.schedule import PyramidSchedule
-from pyraflow.video import example_classes
 
 
 def schedule_report(schedule: PyramidSchedule) -> dict:
@@ -45,8 +45,8 @@ def simulate(config: Config, steps: int, world_size: int = 1, progress: bool = F
     classes = example_classes(config)  # one per stage, or per (stage, unit) for video units
     class_stage = np.asarray(classes.stages)
     class_tokens = np.asarray(classes.segment_tokens, dtype=np.float64)
-    batcher = TokenBudgetBatcher(config.batching, classes.segment_tokens, classes.mix, config.data.planned_size(), 0,
-                                 world_size, [classes.name(c) for c in range(len(class_stage))])
+    batcher = TokenBudgetBatcher(config.batching, classes.segment_tokens, classes.mix, planned_size(config.data), 0,
+                                 world_size, classes.names())
 
     def per_stage(values: np.ndarray) -> np.ndarray:
         return np.bincount(class_stage, weights=values, minlength=k)
@@ -63,7 +63,7 @@ def simulate(config: Config, steps: int, world_size: int = 1, progress: bool = F
         class_counts = np.asarray(batch.counts, dtype=np.float64)
         counts[i] = per_stage(class_counts)
         stage_tokens[i] = per_stage(class_counts * class_tokens)
-        activation[i] = estimate_activation_bytes(config.model, [classes.segment_tokens[c] for c in batch.stages])
+        activation[i] = estimate_activation_bytes(config.model, [classes.segment_tokens[c] for c in batch.classes])
     segment_tokens = [float(stage_tokens[:, s].sum() / max(counts[:, s].sum(), 1)) for s in range(k)]
     if config.batching.ratio_unit == "samples":
         realised = counts.sum(0) / counts.sum()

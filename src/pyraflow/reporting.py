@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pyraflow.storage import atomic_path
+
 
 class MetricsLog:
     """One JSON object per logged step in metrics.jsonl, mirrored to TensorBoard scalars."""
@@ -55,10 +57,9 @@ def plot_losses(metrics_path: Path, out_path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_path.with_name(out_path.name + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(out_path)
 
 
 def _smooth(values, weight: float = 0.9) -> list[float]:

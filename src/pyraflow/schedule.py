@@ -11,8 +11,8 @@ The model sees a timestep on a 0..``num_timesteps`` axis. Each stage owns a wind
 by its sigma distance ``s_k - e_k``; the windows tile the axis without overlap, so the timestep alone
 tells the model which stage it is in.
 
-Everything here is a pure function of its arguments (no hidden step counters); this module imports no
-other pyraflow module.
+Everything here is a pure function of its arguments (no hidden step counters); of the package it imports
+only its config section.
 """
 
 from __future__ import annotations
@@ -23,78 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-PRESETS = ("continuous", "pyramid-flow")
-DENSITIES = ("uniform", "logit-normal", "mode")
-
-
-@dataclass
-class ScheduleConfig:
-    """How the noise-level axis is cut into stages and how training timesteps are drawn."""
-
-    preset: str = "continuous"
-    """``continuous``: exact formulas. ``pyramid-flow``: the reference implementation's numbers,
-    discretised on its 1000-step grid (sigma table, truncated grid indices, r drawn on the grid)."""
-    stages: int = 3
-    """Number of pyramid stages K (any K >= 1); stage k is downsampled by 2**(K-1-k) per side."""
-    boundaries: list[float] | None = None
-    """K+1 strictly increasing stage boundaries on the progress axis t = 1 - sigma, from 0 to 1.
-    Stage k ends at sigma = 1 - boundaries[k+1]. None means uniform: [0, 1/K, ..., 1]."""
-    gamma: float = 1 / 3
-    """Block-noise correlation at stage jumps, in (0, 1/3]. Sets the corrected stage starts."""
-    shift: float = 1.0
-    """SD3 timestep shift applied to the boundary sigmas: sigma' = shift*sigma / (1 + (shift-1)*sigma)."""
-    density: str = "uniform"
-    """Training density of u = 1 - r: uniform, logit-normal (logit_mean, logit_std) or mode (mode_scale)."""
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    num_timesteps: int = 1000
-    """Length of the model's timestep axis (timesteps run from num_timesteps at pure noise to 0)."""
-
-    def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(
-                f"schedule.preset={self.preset!r} is unknown; use one of {', '.join(PRESETS)}."
-            )
-        if not isinstance(self.stages, int) or self.stages < 1:
-            raise ValueError(f"schedule.stages={self.stages!r} must be an integer >= 1 (e.g. 3).")
-        if self.boundaries is not None:
-            b = [float(x) for x in self.boundaries]
-            if len(b) != self.stages + 1:
-                raise ValueError(
-                    f"schedule.boundaries has {len(b)} values but stages={self.stages} needs "
-                    f"{self.stages + 1} (from 0 to 1), e.g. {uniform_boundaries(self.stages)}."
-                )
-            if abs(b[0]) > 1e-12 or abs(b[-1] - 1.0) > 1e-12:
-                raise ValueError(
-                    f"schedule.boundaries={b} must start at 0 and end at 1 (they cut t = 1 - sigma)."
-                )
-            if any(not (lo < hi) for lo, hi in zip(b, b[1:])):
-                raise ValueError(
-                    f"schedule.boundaries={b} must be strictly increasing inside [0, 1]; "
-                    "each stage needs a window of positive length."
-                )
-            self.boundaries = b
-        if not (0.0 < self.gamma <= 1 / 3 + 1e-12):
-            raise ValueError(
-                f"schedule.gamma={self.gamma} must lie in (0, 1/3]: block noise over a 2x2 block has "
-                "covariance (1+gamma) I - gamma 11^T, which is a valid covariance only for gamma <= 1/3."
-            )
-        if self.shift <= 0:
-            raise ValueError(f"schedule.shift={self.shift} must be > 0 (1 means no shift).")
-        if self.density not in DENSITIES:
-            raise ValueError(
-                f"schedule.density={self.density!r} is unknown; use one of {', '.join(DENSITIES)}."
-            )
-        if self.logit_std <= 0:
-            raise ValueError(f"schedule.logit_std={self.logit_std} must be > 0.")
-        if not isinstance(self.num_timesteps, int) or self.num_timesteps < 2:
-            raise ValueError(f"schedule.num_timesteps={self.num_timesteps!r} must be an integer >= 2.")
-
-
-def uniform_boundaries(stages: int) -> list[float]:
-    return [k / stages for k in range(stages + 1)]
-
+from pyraflow.config import ScheduleConfig, uniform_boundaries
 
 def shift_sigma(sigma: float, shift: float) -> float:
     """SD3's shift: pushes sigma towards noise for shift > 1, keeping 0 and 1 fixed."""

@@ -17,17 +17,8 @@ from pathlib import Path
 
 import torch
 
-
-@dataclass
-class TextConfig:
-    encoder: str = "minilm"
-    """``minilm`` (bundled, offline) or a local directory holding a Hugging Face text encoder."""
-    max_tokens: int = 8
-    """Token states per caption after truncation; the batcher budgets this many text tokens per sample."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 2:
-            raise ValueError(f"text.max_tokens={self.max_tokens!r} must be an integer >= 2.")
+from pyraflow.config import TextConfig
+from pyraflow.storage import atomic_path
 
 
 @dataclass
@@ -38,6 +29,9 @@ class TextEmbedding:
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
+
+    def to(self, device: torch.device | str) -> "TextEmbedding":
+        return TextEmbedding(self.tokens.to(device), self.lengths.to(device), self.pooled.to(device))
 
     def item(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(valid token states (L_i, D), pooled (D_pooled,)) of caption i."""
@@ -133,10 +127,9 @@ def load_text_encoder(config: TextConfig, device: torch.device | str = "cpu") ->
 def save_null(embedding: TextEmbedding, path: str | Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = Path(str(path) + ".tmp")
-    save_file({"tokens": embedding.tokens.contiguous(), "lengths": embedding.lengths.contiguous(),
-               "pooled": embedding.pooled.contiguous()}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({"tokens": embedding.tokens.contiguous(), "lengths": embedding.lengths.contiguous(),
+                   "pooled": embedding.pooled.contiguous()}, str(tmp))
 
 
 def load_null(path: str | Path) -> TextEmbedding:

@@ -2,12 +2,21 @@
 
 Order (as torchtitan): activation checkpointing is a model option; data parallelism wraps last.
 gloo on CPU (correctness, not speed), NCCL on CUDA.
+
+A run's process group lives inside ``process_group()``: it is destroyed however the run ends (success, an
+exception, Ctrl-C), so no rank leaves communication threads running into interpreter exit, and a rank that
+fails says so, naming itself, before it leaves (its peers then fail promptly on the broken connection, and
+torchrun stops the job).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
+import sys
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,8 +38,10 @@ class DistributedInfo:
         return self.world_size > 1
 
 
-def init_distributed() -> DistributedInfo:
-    """Join the process group torchrun describes in the environment; a single process otherwise."""
+def init_distributed(timeout_minutes: float | None = None) -> DistributedInfo:
+    """Join the process group torchrun describes in the environment; a single process otherwise.
+
+    timeout_minutes: how long a collective may wait for a peer before it fails (None: torch's default)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -44,8 +55,24 @@ def init_distributed() -> DistributedInfo:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        timeout = None if timeout_minutes is None else datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend=backend, timeout=timeout)
     return DistributedInfo(rank, world, local, device)
+
+
+@contextlib.contextmanager
+def process_group(timeout_minutes: float | None = None) -> Iterator[DistributedInfo]:
+    """The process group of one run (nothing to do in a single process), torn down however the run ends."""
+    info = init_distributed(timeout_minutes)
+    try:
+        yield info
+    except BaseException as err:
+        if info.enabled:
+            reason = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
+            print(f"pyraflow: rank {info.rank} of {info.world_size} failed: {reason}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        shutdown(info)
 
 
 def parallelize(model: torch.nn.Module, info: DistributedInfo, mode: str) -> torch.nn.Module:
@@ -64,10 +91,6 @@ def parallelize(model: torch.nn.Module, info: DistributedInfo, mode: str) -> tor
         fully_shard(model)
         return model
     raise ValueError(f"train.parallel={mode!r} must be 'ddp' or 'fsdp'.")
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

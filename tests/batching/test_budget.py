@@ -3,15 +3,8 @@
 import numpy as np
 import pytest
 
-from pyraflow.batching import (
-    AdaptiveMix,
-    BatchingConfig,
-    MixConfig,
-    MixSchedule,
-    TokenBudgetBatcher,
-    build_mix,
-    resolve_ratio,
-)
+from pyraflow.batching import AdaptiveMix, MixSchedule, TokenBudgetBatcher, build_mix
+from pyraflow.config import BatchingConfig, MixConfig, resolve_ratio
 
 MNIST_TOKENS = [16 + 16, 64 + 16, 256 + 16]  # 32x32 pixels, patch 2, 16 text tokens
 

@@ -28,7 +28,7 @@ def quality_study(out_dir: str | Path, minutes: float = 10.0, seeds: list[int] |
     still holds whole seeds); report each run and the mean over seeds."""
     from pyraflow.config import load_config
     from pyraflow.evaluation import evaluate
-    from pyraflow.training import run_training
+    from pyraflow.train import run_training
 
     out_dir = Path(out_dir)
     runs: dict[str, list[dict]] = {name: [] for name in STUDY_VARIANTS}

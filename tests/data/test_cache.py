@@ -5,11 +5,13 @@ import json
 import pytest
 import torch
 
-import pyraflow.cache as cache
-from pyraflow.data import DataConfig, encode_dataset
-from pyraflow.latents import LatentConfig, build_latent_space
-from pyraflow.text import TextConfig, load_text_encoder
-from test_data import make_images
+import pyraflow.data.cache as cache
+from pyraflow.config import DataConfig, LatentConfig, TextConfig
+from pyraflow.data import encode_dataset
+from pyraflow.latents import build_latent_space
+from pyraflow.storage import partial_path
+from pyraflow.text import load_text_encoder
+from helpers import make_images
 
 
 @pytest.fixture()
@@ -50,7 +52,7 @@ def test_an_interrupted_prepare_resumes(setup, monkeypatch):
     def crash_on_second_shard(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
-            (out / "shard-00001.safetensors.tmp").write_bytes(b"half written")
+            partial_path(out / "shard-00001.safetensors").write_bytes(b"half written")
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -61,7 +63,7 @@ def test_an_interrupted_prepare_resumes(setup, monkeypatch):
     monkeypatch.setattr(cache, "encode_samples", real)
     result = cache.prepare(config, out, text, latent, progress=False)
     assert result["reused"] == 3 and result["written"] == 4
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*partial*"))
     assert len(cache.load_cache(out, config, text.identity, latent.identity)) == 7
 
 

@@ -1,8 +1,5 @@
-"""``pyraflow bench``: training-step speed and memory of the packed multi-stage step.
-
-The standard bench config (fixed so figures compare across versions): MMDiT with 4 blocks, width 256
-(4 heads of 64), patch 2, 4 latent channels, 3 stages at 8x8 / 16x16 / 32x32 latent, text of 16-32
-valid tokens of width 384, mix 25/50/25 by samples: 16 samples (4 / 8 / 4) = 1,600 visual tokens.
+"""``pyraflow bench``: training-step speed and memory of the packed multi-stage step against other layouts,
+MFU, sampling, the video history cache, batch stability, and larger latents (see BENCHMARKS.md for the keys).
 
 Timing alternates the variants round by round in one process (so drift hits all alike) and reports
 medians. Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU an exact accounting of
@@ -11,224 +8,19 @@ parameters, gradients, AdamW state and the tensors autograd saves for backward (
 
 from __future__ import annotations
 
-import datetime
-import os
-import platform
 import statistics
 import time
 
 import torch
 from tqdm import tqdm
 
-from pyraflow.attention import build_row_plan
-from pyraflow.model import ModelConfig, MultiStageMMDiT, linear_flops_per_token
+from pyraflow.bench.standard import (BACKEND_VARIANTS, ROWS, SCALING_VARIANTS, STANDARD_STAGES, THROUGHPUT_VARIANTS,
+                                     VARIANTS, VISUAL_TOKENS, SavedBytes, TrainStep, accounted_memory_mb,
+                                     cuda_peak_memory_mb, machine, matmul_peak_gflops, standard_batch,
+                                     standard_model_config, training_flops)
+from pyraflow.model import MultiStageMMDiT
 from pyraflow.packing import PackedBatch, Sample, pack
-from pyraflow.training import make_optimizer
-
-STANDARD_STAGES = [(0, 8, 4), (1, 16, 8), (2, 32, 4)]  # (stage, latent side, samples)
-MAX_TEXT = 32
-
-
-def standard_model_config(**overrides) -> ModelConfig:
-    return ModelConfig(**{**dict(in_channels=4, patch_size=2, width=256, depth=4, num_heads=4, text_dim=384,
-                                 pooled_dim=384), **overrides})
-
-
-def standard_samples(seed: int = 0, pad_text: bool = False, all_at_longest: bool = False,
-                     scale: int = 1) -> list[Sample]:
-    """The standard batch's 16 samples. pad_text: text padded to 32 tokens (as a fixed-length encoder
-    would give); all_at_longest: every sample at the longest stage's size (padding's cost); scale:
-    latent sides times ``scale`` (scale 4: the high stage is 128x128 latent = 4,096 tokens, 1024 px
-    through an 8x VAE), for how the layouts compare as segments grow."""
-    g = torch.Generator().manual_seed(seed)
-    samples = []
-    longest = STANDARD_STAGES[-1][1] * scale
-    for stage, side, count in STANDARD_STAGES:
-        side *= scale
-        for _ in range(count):
-            length = int(torch.randint(16, MAX_TEXT + 1, (1,), generator=g))
-            text = torch.randn(length, 384, generator=g)
-            if pad_text or all_at_longest:
-                text = torch.cat([text, torch.zeros(MAX_TEXT - length, 384)])
-            latent = torch.randn(4, 1, side, side, generator=g)
-            if all_at_longest:
-                latent, stage = torch.nn.functional.pad(latent, (0, longest - side, 0, longest - side)), 2
-            samples.append(Sample(stage, latent, text, torch.randn(384, generator=g), float(torch.rand((), generator=g) * 1000)))
-    return samples
-
-
-def standard_batch(seed: int = 0, **kw) -> PackedBatch:
-    """standard_samples(seed, **kw), packed."""
-    return pack(standard_samples(seed, **kw), num_stages=3, patch_size=2, channels=4, text_dim=384, pooled_dim=384)
-
-
-VARIANTS = {  # name -> (layout, attention backend, modulation)
-    "grouped": ("packed", "grouped", "broadcast"),
-    "reference": ("packed", "reference", "broadcast"),
-    "grouped_per_token_modulation": ("packed", "grouped", "per-token"),
-    "reference_columns": ("rows", "reference", "per-token"),
-    "padded": ("padded", "grouped", "broadcast"),
-    "per_stage": ("per_stage", "grouped", "broadcast"),
-}
-BACKEND_VARIANTS = ("grouped", "reference", "grouped_per_token_modulation")
-THROUGHPUT_VARIANTS = {"pyraflow": "grouped", "reference_columns": "reference_columns", "padded": "padded",
-                       "per_stage": "per_stage"}
-VISUAL_TOKENS = sum(count * (side // 2) ** 2 for _, side, count in STANDARD_STAGES)  # 1,600 real visual tokens
-SCALING_VARIANTS = {"pyraflow": "grouped", "reference_columns": "reference_columns", "per_stage": "per_stage"}
-# The reference's [1, 2, 1] columns: row i holds standard sample i (stage 0), 4+2i and 5+2i (stage 1), 12+i (stage 2).
-ROWS = 4
-ROW_ORDER = [k for i in range(ROWS) for k in (i, 4 + 2 * i, 5 + 2 * i, 12 + i)]
-
-
-class TrainStep:
-    """Forward, MSE loss, backward and AdamW on the standard batch in one of the layouts:
-
-    packed     pyraflow's: all 16 samples in one packed sequence.
-    rows       the reference's: rows of [1, 2, 1] integer columns (one low, two mid, one high segment),
-               text padded to a fixed 32 tokens, held in row order throughout (each row's [text; visual]
-               concatenated in place, no gather), rows batched with one dense block-diagonal mask each.
-    padded     every segment padded to the longest stage (32x32 latent, 32 text tokens), batched.
-    per_stage  one forward/backward per stage (as a bucketed trainer would), one optimizer step.
-    """
-
-    def __init__(self, variant: str, precision: str, device: torch.device, seed: int = 0, scale: int = 1):
-        layout, backend, modulation = VARIANTS[variant]
-        torch.manual_seed(seed)
-        self.model = MultiStageMMDiT(standard_model_config(attention=backend, modulation=modulation)).to(device)
-        self.optimizer = make_optimizer(list(self.model.parameters()), lr=1e-4, weight_decay=0.0)
-        self.device, self.precision = device, precision
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        if layout == "per_stage":
-            samples = standard_samples(seed, scale=scale)
-            batches = [pack([s for s in samples if s.stage == k], 3, 2, 4, 384, 384) for k in range(3)]
-        elif layout == "rows":  # the reference holds its batch in rows: [low, mid, mid, high] x 4, in this order
-            samples = standard_samples(seed, pad_text=True, scale=scale)
-            batches = [pack([samples[k] for k in ROW_ORDER], 3, 2, 4, 384, 384, keep_order=True)]
-        else:
-            batches = [standard_batch(seed, all_at_longest=layout == "padded", scale=scale)]
-        self.batches = [b.to(device) for b in batches]
-        self.contexts = [self.model.prepare(b.layout, device, dtype) for b in self.batches]
-        if layout == "rows":
-            self.contexts[0].plan = build_row_plan(self.batches[0].layout, ROWS, device)
-        self.targets = [torch.randn_like(b.visual) for b in self.batches]
-
-    def losses(self):
-        """One loss per forward pass (one for every layout but per_stage)."""
-        for batch, context, target in zip(self.batches, self.contexts, self.targets):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                out = self.model(batch, context)
-            yield torch.nn.functional.mse_loss(out.float(), target)
-
-    def __call__(self) -> float:
-        total = 0.0
-        for loss in self.losses():
-            loss.backward()
-            total += loss.item()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total
-
-    @property
-    def batch(self) -> PackedBatch:
-        return self.batches[0]
-
-
-class SavedBytes:
-    """Counts the bytes of the tensors autograd saves for backward while active (unique storages, the
-    model's parameters excluded)."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.saved: dict[int, int] = {}
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._keep, lambda t: t)
-
-    def _keep(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in self.params:
-            self.saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    @property
-    def total(self) -> int:
-        return sum(self.saved.values())
-
-    def __enter__(self) -> "SavedBytes":
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.hooks.__exit__(*exc)
-
-
-def accounted_memory_mb(step: TrainStep) -> float:
-    """Memory of one training step by accounting: parameters, their gradients and AdamW's two moments
-    (4 x parameter bytes) plus every tensor autograd saves for backward (unique storages, parameters
-    excluded; for per-stage steps the largest pass, since each backward frees its graph). That is what
-    is held at the peak between forward and backward. Transient buffers (e.g. inside SDPA) are not
-    counted, so this is a lower bound; it is exact and repeatable, unlike resident-set sizes, which on
-    CPU mostly reflect the allocator."""
-    largest = 0
-    passes = step.losses()
-    while True:
-        with SavedBytes(step.model) as saved:
-            loss = next(passes, None)  # the forward runs here, inside the hook
-        if loss is None:
-            break
-        largest = max(largest, saved.total)
-        loss.backward()
-    step.optimizer.zero_grad(set_to_none=True)
-    static = 4 * sum(p.numel() * p.element_size() for p in step.model.parameters())
-    return (static + largest) / 2**20
-
-
-def cuda_peak_memory_mb(step: TrainStep, steps: int = 3) -> float:
-    """Measured on CUDA: the peak of allocated memory over a few steps, above what the model holds."""
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    for _ in range(steps):
-        step()
-    return torch.cuda.max_memory_allocated() / 2**20
-
-
-def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "date": datetime.date.today().isoformat()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def training_flops(batch: PackedBatch, config: ModelConfig) -> float:
-    """Model FLOPs of one training step (forward x 3): every linear layer of both streams, plus attention
-    scores and values (4 * L^2 * width per segment per block). Embeddings and adaLN are left out."""
-    layout = batch.layout
-    tokens = layout.num_text + layout.num_visual
-    linear = tokens * linear_flops_per_token(config) * config.depth
-    attention = sum(4 * (t + v) ** 2 * config.width for t, v in zip(layout.text_lengths, layout.visual_lengths))
-    return 3 * (linear + attention * config.depth)
-
-
-def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 5) -> float:
-    """Best observed GFLOP/s of a square matmul: the machine's practical peak for that precision."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
+from pyraflow.train.optim import make_optimizer
 
 
 def _sampling_fixture(device: torch.device, captions: int, **model_overrides):
@@ -248,8 +40,9 @@ def sampling_comparison(device: torch.device, images: int = 16, total_steps: int
     """Wall time of 3-stage pyramidal sampling against flat full-resolution flow sampling with the same
     total number of Euler steps and the same model (standard config, 32x32 latents, guidance on);
     alternated, median over ``repeats`` runs each."""
-    from pyraflow.sampling import sample_pyramid
-    from pyraflow.schedule import PyramidSchedule, ScheduleConfig
+    from pyraflow.config import ScheduleConfig
+    from pyraflow.sample import sample_pyramid
+    from pyraflow.schedule import PyramidSchedule
 
     model, text, null = _sampling_fixture(device, images)
     result = {"images": images, "total_steps": total_steps, "latent": [4, 1, 32, 32], "repeats": repeats}
@@ -260,7 +53,7 @@ def sampling_comparison(device: torch.device, images: int = 16, total_steps: int
             steps = [total_steps // stages] * stages
             start = time.perf_counter()
             _, per_stage = sample_pyramid(model, schedule, text, null, (4, 1, 32, 32), steps, 3.0,
-                                          torch.Generator().manual_seed(1), device)
+                                          torch.Generator(device=device).manual_seed(1))
             runs[name].append((time.perf_counter() - start, per_stage))
     for name, rs in runs.items():
         result[f"{name}_s"] = statistics.median(t for t, _ in rs)
@@ -305,8 +98,9 @@ def history_cache_comparison(device: torch.device, videos: int = 1, unit_frames:
     unit and stage) against recomputing them at every Euler step, as the reference does. Standard model
     with temporal-causal attention, 32x32 latents, 1 + units * unit_frames frames, guidance on; alternated,
     median over ``repeats`` runs."""
-    from pyraflow.sampling import sample_video
-    from pyraflow.schedule import PyramidSchedule, ScheduleConfig
+    from pyraflow.config import ScheduleConfig
+    from pyraflow.sample import sample_video
+    from pyraflow.schedule import PyramidSchedule
 
     model, text, null = _sampling_fixture(device, videos, temporal_causal=True)
     schedule = PyramidSchedule(ScheduleConfig(stages=3))
@@ -315,7 +109,7 @@ def history_cache_comparison(device: torch.device, videos: int = 1, unit_frames:
     for _ in range(repeats):
         for name in runs:
             _, per_unit = sample_video(model, schedule, text, null, shape, unit_frames, [steps] * 3, 3.0,
-                                       torch.Generator().manual_seed(1), device, use_cache=name == "cached")
+                                       torch.Generator(device=device).manual_seed(1), use_cache=name == "cached")
             runs[name].append(per_unit)
     per_unit = {name: [statistics.median(r[u] for r in rs) for u in range(units + 1)] for name, rs in runs.items()}
     total = {name: statistics.median(sum(r) for r in rs) for name, rs in runs.items()}
@@ -340,7 +134,8 @@ def stability(steps: int = 300, text_tokens: int = 24) -> dict:
     per batch (the reference's way). Memory per step is accounted exactly (parameters, gradients, AdamW
     state, saved activations) for the standard model; it depends only on the per-stage counts, so each
     distinct count vector is measured once."""
-    from pyraflow.batching import BatchingConfig, MixConfig, TokenBudgetBatcher, build_mix
+    from pyraflow.batching import TokenBudgetBatcher, build_mix
+    from pyraflow.config import BatchingConfig, MixConfig
 
     points = [{"step": 100, "ratio": [0.5, 0.3, 0.2]}, {"step": 200, "ratio": "25-50-25"}]
     segment = [(side // 2) ** 2 + text_tokens for _, side, _ in STANDARD_STAGES]
@@ -431,7 +226,7 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
     names = variants or list(VARIANTS)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     # the peak is the best of two moments (before and after the steps): one short measurement taken while the
-    # host is busy halves it (seen on a shared VM: 183 vs 300-360 GFLOP/s) and doubles every MFU read against it
+    # host is busy can read far below the machine's peak, and every MFU read against it would be inflated
     peak_runs = {p: [matmul_peak_gflops(dtype, device)] for p, dtype in dtypes.items()}
     runs = [(n, p) for n in names for p in dtypes]
     runners = {(n, p): TrainStep(n, p, device) for n, p in runs}

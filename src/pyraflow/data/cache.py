@@ -6,7 +6,7 @@ Layout of a cache directory:
   shard-00000.jsonl         one row per sample: id, latent_shape (full resolution), caption, source
   complete.json             written last: sample and skip counts; its presence means the cache is whole
 
-Every file is written under a temporary name and renamed, so an interrupted ``prepare`` leaves only
+Every file is written under a temporary name and renamed (pyraflow.storage), so an interrupted ``prepare`` leaves only
 whole shards; a rerun skips them, discards the half-written one and carries on. A cache made with a
 different text encoder or latent space is refused rather than silently mixed.
 """
@@ -19,7 +19,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pyraflow.data import DataConfig, EncodedData, build_dataset, check_bad_files, encode_samples, iterate_samples
+from pyraflow.config import DataConfig
+from pyraflow.data.datasets import build_dataset, check_bad_files, iterate_samples
+from pyraflow.data.encoded import EncodedData, encode_samples
+from pyraflow.storage import atomic_path, remove_partials, write_json, write_text
 
 SHARD_SIZE = 1024
 VERSION = 1
@@ -38,12 +41,6 @@ def cache_meta(config: DataConfig, text_identity: str, latent_identity: str) -> 
         "text_encoder": text_identity,
         "latent_space": latent_identity,
     }
-
-
-def _write_json(path: Path, payload) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(payload if isinstance(payload, str) else json.dumps(payload, indent=2))
-    tmp.replace(path)
 
 
 def check_meta(directory: Path, expected: dict) -> None:
@@ -65,9 +62,8 @@ def prepare(config: DataConfig, out: str | Path, text_encoder, latent_space, pro
     if (out / "meta.json").is_file():
         check_meta(out, meta)
     else:
-        _write_json(out / "meta.json", meta)
-    for stale in out.glob("*.tmp"):
-        stale.unlink()  # a shard that was being written when a previous run stopped
+        write_json(out / "meta.json", meta)
+    remove_partials(out)  # a shard that was being written when a previous run stopped
     if (out / "complete.json").is_file():
         summary = json.loads((out / "complete.json").read_text())
         return {**summary, "written": 0, "reused": summary["samples"]}
@@ -86,12 +82,11 @@ def prepare(config: DataConfig, out: str | Path, text_encoder, latent_space, pro
         from safetensors.torch import save_file
 
         tensors = encode_samples(samples, text_encoder, latent_space)
-        tmp = out / f"{name}.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(out / f"{name}.safetensors")
+        with atomic_path(out / f"{name}.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         rows = [json.dumps({"id": s.id, "latent_shape": list(tensors["latents"].shape[1:]), "caption": s.caption,
                             "source": s.source, "label": s.label}) for s in samples]
-        _write_json(out / f"{name}.jsonl", "\n".join(rows) + "\n")  # its presence marks the shard done
+        write_text(out / f"{name}.jsonl", "\n".join(rows) + "\n")  # its presence marks the shard done
         written += len(samples)
 
     for sample in iterate_samples(dataset):
@@ -108,7 +103,7 @@ def prepare(config: DataConfig, out: str | Path, text_encoder, latent_space, pro
     check_bad_files(dataset, count, config)
     summary = {"samples": count, "shards": shard, "skipped": len(dataset.bad),
                "skipped_files": [{"path": p, "reason": r} for p, r in dataset.bad]}
-    _write_json(out / "complete.json", summary)
+    write_json(out / "complete.json", summary)
     return {**summary, "written": written, "reused": reused}
 
 

@@ -1,0 +1,515 @@
+"""One dataclass per component of a run, each validating itself in ``__post_init__``.
+
+Plain Python only (no torch, no numpy), so reading, checking and printing a configuration is cheap and
+every module can import its section from here without an import cycle. A field's docstring gives its
+unit and what it does; an invalid value raises ValueError naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+SCHEDULE_PRESETS = ("continuous", "pyramid-flow")
+DENSITIES = ("uniform", "logit-normal", "mode")
+ATTENTION_BACKENDS = ("auto", "grouped", "flex", "flash")
+DATASETS = ("mnist", "clips", "image-folder", "video-folder")
+MIX_KINDS = ("constant", "piecewise", "linear", "adaptive")
+RATIO_UNITS = ("samples", "tokens")
+PRECISIONS = ("auto", "fp32", "bf16")
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+def check_choice(key: str, value, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(f"{key}={value!r} is unknown; use one of {', '.join(options)}.")
+
+
+def check_integer(key: str, value, minimum: int = 1, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key}={value!r} must be an integer >= {minimum}{note}.")
+
+
+def check_range(key: str, value, low: float, high: float, open_low: bool = False, open_high: bool = False) -> None:
+    """low <= value <= high, with either end open; the message writes the interval as [low, high), (low, high] ..."""
+    below = value <= low if open_low else value < low
+    above = value >= high if open_high else value > high
+    if below or above:
+        raise ValueError(f"{key}={value} must be in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}.")
+
+
+def check_optional_integer(key: str, value, minimum: int = 1) -> None:
+    if value is not None:
+        check_integer(key, value, minimum, " (or null)")
+
+
+
+# ----- schedule ---------------------------------------------------------------------------------------
+
+def uniform_boundaries(stages: int) -> list[float]:
+    return [k / stages for k in range(stages + 1)]
+
+
+@dataclass
+class ScheduleConfig:
+    """How the noise-level axis is cut into stages and how training timesteps are drawn."""
+
+    preset: str = "continuous"
+    """``continuous``: exact formulas. ``pyramid-flow``: the reference implementation's numbers,
+    discretised on its 1000-step grid (sigma table, truncated grid indices, r drawn on the grid)."""
+    stages: int = 3
+    """Number of pyramid stages K (any K >= 1); stage k is downsampled by 2**(K-1-k) per side."""
+    boundaries: list[float] | None = None
+    """K+1 strictly increasing stage boundaries on the progress axis t = 1 - sigma, from 0 to 1.
+    Stage k ends at sigma = 1 - boundaries[k+1]. None means uniform: [0, 1/K, ..., 1]."""
+    gamma: float = 1 / 3
+    """Block-noise correlation at stage jumps, in (0, 1/3]. Sets the corrected stage starts."""
+    shift: float = 1.0
+    """SD3 timestep shift applied to the boundary sigmas: sigma' = shift*sigma / (1 + (shift-1)*sigma)."""
+    density: str = "uniform"
+    """Training density of u = 1 - r: uniform, logit-normal (logit_mean, logit_std) or mode (mode_scale)."""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    num_timesteps: int = 1000
+    """Length of the model's timestep axis (timesteps run from num_timesteps at pure noise to 0)."""
+
+    def __post_init__(self) -> None:
+        check_choice("schedule.preset", self.preset, SCHEDULE_PRESETS)
+        check_integer("schedule.stages", self.stages, 1, " (e.g. 3)")
+        if self.boundaries is not None:
+            b = [float(x) for x in self.boundaries]
+            if len(b) != self.stages + 1:
+                raise ValueError(
+                    f"schedule.boundaries has {len(b)} values but stages={self.stages} needs "
+                    f"{self.stages + 1} (from 0 to 1), e.g. {uniform_boundaries(self.stages)}."
+                )
+            if abs(b[0]) > 1e-12 or abs(b[-1] - 1.0) > 1e-12:
+                raise ValueError(f"schedule.boundaries={b} must start at 0 and end at 1 (they cut t = 1 - sigma).")
+            if any(not (lo < hi) for lo, hi in zip(b, b[1:])):
+                raise ValueError(
+                    f"schedule.boundaries={b} must be strictly increasing inside [0, 1]; "
+                    "each stage needs a window of positive length."
+                )
+            self.boundaries = b
+        if not (0.0 < self.gamma <= 1 / 3 + 1e-12):
+            raise ValueError(
+                f"schedule.gamma={self.gamma} must lie in (0, 1/3]: block noise over a 2x2 block has "
+                "covariance (1+gamma) I - gamma 11^T, which is a valid covariance only for gamma <= 1/3."
+            )
+        if self.shift <= 0:
+            raise ValueError(f"schedule.shift={self.shift} must be > 0 (1 means no shift).")
+        check_choice("schedule.density", self.density, DENSITIES)
+        if self.logit_std <= 0:
+            raise ValueError(f"schedule.logit_std={self.logit_std} must be > 0.")
+        check_integer("schedule.num_timesteps", self.num_timesteps, 2)
+
+
+# ----- data, text, latents ----------------------------------------------------------------------------
+
+@dataclass
+class DataConfig:
+    """Where samples come from and the pixel shape they are brought to."""
+
+    dataset: str = "mnist"
+    """mnist, clips, image-folder or video-folder."""
+    path: str | None = None
+    """Folder for image-folder / video-folder."""
+    image_size: int = 32
+    """Height and width in pixels after resizing."""
+    channels: int = 1
+    """Image channels: 1 (grey) or 3 (RGB)."""
+    resize: str = "pad"
+    """``crop``: scale the short side to image_size and centre-crop; ``pad``: scale down only if larger,
+    then centre-pad with black."""
+    frames: int = 1
+    """Frames per sample (1 for images; clip length for videos)."""
+    frame_stride: int = 1
+    """Take every n-th decoded frame when cutting clips."""
+    clip_hop: int | None = None
+    """Decoded frames between the starts of consecutive clips; None: clips do not overlap (frames * frame_stride)."""
+    max_bad_fraction: float = 0.1
+    """Give up if more than this fraction of the files cannot be read."""
+    cache: str | None = None
+    """Directory of latents/text prepared by ``pyraflow prepare``; training reads it when it fits the config."""
+    num_samples: int | None = None
+    """Dataset size for ``pyraflow plan`` when the data is not at hand (e.g. a GPU-scale preset)."""
+
+    def __post_init__(self) -> None:
+        check_choice("data.dataset", self.dataset, DATASETS)
+        if self.dataset in ("image-folder", "video-folder") and self.path is None and self.num_samples is None:
+            raise ValueError(f"data.dataset={self.dataset} needs data.path (the folder to read).")
+        if self.channels not in (1, 3):
+            raise ValueError(f"data.channels={self.channels} must be 1 (grey) or 3 (RGB).")
+        check_choice("data.resize", self.resize, ("crop", "pad"))
+        check_optional_integer("data.clip_hop", self.clip_hop)
+        for name in ("image_size", "frames", "frame_stride"):
+            check_integer(f"data.{name}", getattr(self, name))
+        check_range("data.max_bad_fraction", self.max_bad_fraction, 0, 1, open_high=True)
+        check_optional_integer("data.num_samples", self.num_samples, 0)
+
+
+@dataclass
+class TextConfig:
+    encoder: str = "minilm"
+    """``minilm`` (bundled, offline) or a local directory holding a Hugging Face text encoder."""
+    max_tokens: int = 8
+    """Token states per caption after truncation; the batcher budgets this many text tokens per sample."""
+
+    def __post_init__(self) -> None:
+        check_integer("text.max_tokens", self.max_tokens, 2)
+
+
+@dataclass
+class LatentConfig:
+    kind: str = "pixel"
+    """``pixel`` (train on pixels) or ``vae`` (a diffusers AutoencoderKL in ``path``)."""
+    path: str | None = None
+    """Local directory of the AutoencoderKL (config.json + weights) for kind=vae."""
+    scale: float | None = None
+    """Latent scale; None: 1 for pixels, the VAE config's scaling_factor for vae."""
+    shift: float | None = None
+    """Latent shift; None: 0 for pixels, the VAE config's shift_factor (or 0) for vae."""
+    channels: int | None = None
+    """Latent channels; None: the image channels for pixels, read from the VAE config for vae."""
+    downsample: int | None = None
+    """Pixels per latent per side; None: 1 for pixels, read from the VAE config for vae."""
+
+    def __post_init__(self) -> None:
+        check_choice("latent.kind", self.kind, ("pixel", "vae"))
+        if self.kind == "vae" and self.path is None and (self.channels is None or self.downsample is None):
+            raise ValueError(
+                "latent.kind=vae needs latent.path (a local AutoencoderKL directory), or latent.channels and "
+                "latent.downsample for planning without the weights."
+            )
+        if self.kind == "pixel" and self.downsample not in (None, 1):
+            raise ValueError(f"latent.downsample={self.downsample} must be 1 (or unset) in pixel space.")
+
+    def vae_config(self) -> dict:
+        import json
+        from pathlib import Path
+
+        path = Path(self.path) / "config.json"
+        if not path.is_file():
+            raise ValueError(f"latent.path={self.path!r} has no config.json; point it at a diffusers AutoencoderKL directory.")
+        return json.loads(path.read_text())
+
+    def resolved_channels(self, image_channels: int) -> int:
+        if self.channels is not None:
+            return self.channels
+        if self.kind == "pixel":
+            return image_channels
+        return int(self.vae_config()["latent_channels"])
+
+    def resolved_downsample(self) -> int:
+        if self.downsample is not None:
+            return self.downsample
+        if self.kind == "pixel":
+            return 1
+        return 2 ** (len(self.vae_config()["block_out_channels"]) - 1)
+
+
+# ----- model ------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    """Shape of the MMDiT. Widths in channels; head_dim = width / num_heads."""
+
+    in_channels: int = 1
+    """Latent channels of the visual input (and output); in a run config it follows the latents."""
+    patch_size: int = 4
+    width: int = 256
+    depth: int = 6
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    text_dim: int = 384
+    """Width of the text encoder's token states."""
+    pooled_dim: int = 384
+    """Width of the pooled text vector that joins the timestep in the adaLN conditioning."""
+    rope_axes: list[int] | None = None
+    """Head dims given to the (t, h, w) RoPE axes; even numbers summing to head_dim. None: 1/4, 3/8, 3/8."""
+    rope_theta: float = 10000.0
+    attention: str = "auto"
+    """Attention backend: auto, grouped, flex or flash (see pyraflow.attention)."""
+    temporal_causal: bool = False
+    """Visual tokens see only their own and earlier frames (and the text); text sees only text."""
+    checkpoint_fraction: float = 0.0
+    """Fraction of blocks (the first ones) whose activations are recomputed in backward to save memory."""
+
+    def __post_init__(self) -> None:
+        for name in ("in_channels", "patch_size", "width", "depth", "num_heads", "text_dim", "pooled_dim"):
+            check_integer(f"model.{name}", getattr(self, name))
+        if self.width % self.num_heads:
+            raise ValueError(f"model.width={self.width} must be divisible by model.num_heads={self.num_heads}.")
+        axes = self.axes()
+        if len(axes) != 3 or sum(axes) != self.head_dim or any(a < 2 or a % 2 for a in axes):
+            raise ValueError(f"model.rope_axes={axes} must be three positive even numbers summing to head_dim={self.head_dim}.")
+        check_choice("model.attention", self.attention, ATTENTION_BACKENDS)
+        check_range("model.checkpoint_fraction", self.checkpoint_fraction, 0, 1)
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"model.mlp_ratio={self.mlp_ratio} must be > 0.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    def axes(self) -> list[int]:
+        if self.rope_axes is not None:
+            return list(self.rope_axes)
+        d = self.head_dim
+        t = 2 * max(1, d // 8)
+        h = 2 * ((d - t) // 4)
+        return [t, h, d - t - h]
+
+
+# ----- batching -------------------------------------------------------------------------------------
+
+def ratio_presets(num_stages: int) -> dict[str, list[float]]:
+    presets = {"uniform": [1.0 / num_stages] * num_stages}
+    if num_stages == 3:
+        presets["25-50-25"] = [0.25, 0.5, 0.25]
+    return presets
+
+
+def resolve_ratio(value: str | list[float], num_stages: int, where: str = "batching.mix.ratio") -> list[float]:
+    """A preset name or a list of non-negative reals summing to 1 -> one float per stage."""
+    if isinstance(value, str):
+        presets = ratio_presets(num_stages)
+        if value not in presets:
+            extra = "" if num_stages == 3 else " ('25-50-25' needs exactly 3 stages)"
+            raise ValueError(
+                f"{where}={value!r} is not a preset for {num_stages} stages; use one of "
+                f"{', '.join(presets)} or a list of {num_stages} ratios{extra}."
+            )
+        return list(presets[value])
+    ratio = [float(v) for v in value]
+    if len(ratio) != num_stages:
+        raise ValueError(
+            f"{where}={list(value)} has {len(ratio)} entries but the schedule has {num_stages} stages; "
+            f"give one ratio per stage (e.g. {ratio_presets(num_stages)['uniform']})."
+        )
+    if any(r < 0 or not math.isfinite(r) for r in ratio):
+        raise ValueError(f"{where}={list(value)} has a negative or non-finite entry; ratios must be >= 0.")
+    total = sum(ratio)
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"{where}={list(value)} sums to {total:.6g}; ratios must sum to 1.")
+    return [r / total for r in ratio]
+
+
+@dataclass
+class MixConfig:
+    """The stage mix over training.
+
+    kind:
+      - ``constant``: ``ratio`` at every step.
+      - ``piecewise``: ``points`` is a list of ``{ratio: ..., until: STEP}``; each ratio holds until its
+        step (exclusive); the last may omit ``until`` and then holds forever.
+      - ``linear``: ``points`` is a list of ``{step: STEP, ratio: ...}``; the ratio moves linearly between
+        consecutive points and stays at the first/last point outside them.
+      - ``adaptive``: starts at ``ratio`` and moves it toward the stages whose loss improves slowest
+        (see pyraflow.batching.AdaptiveMix for the rule), within ``adaptive_min`` .. ``adaptive_max`` per stage.
+    """
+
+    kind: str = "constant"
+    ratio: list[float] | str = "25-50-25"
+    points: list[dict] = field(default_factory=list)
+    adaptive_rate: float = 0.05
+    """Fraction of the way the ratio moves toward the adaptive target at each update."""
+    adaptive_every: int = 50
+    """Steps between adaptive updates; an update takes effect this many steps after the losses it reads."""
+    adaptive_sensitivity: float = 1.0
+    """How strongly slow-improving stages are favoured: the target weight is base * exp(-s * z) with z in [-1, 1]."""
+    adaptive_min: list[float] | float = 0.1
+    adaptive_max: list[float] | float = 0.7
+
+    def __post_init__(self) -> None:
+        check_choice("batching.mix.kind", self.kind, MIX_KINDS)
+        if self.kind in ("piecewise", "linear") and not self.points:
+            example = (
+                "[{ratio: [0.5, 0.3, 0.2], until: 1000}, {ratio: 25-50-25}]"
+                if self.kind == "piecewise"
+                else "[{step: 0, ratio: [0.5, 0.3, 0.2]}, {step: 2000, ratio: 25-50-25}]"
+            )
+            raise ValueError(f"batching.mix.kind={self.kind} needs batching.mix.points, e.g. {example}.")
+        check_range("batching.mix.adaptive_rate", self.adaptive_rate, 0, 1, open_low=True)
+        check_integer("batching.mix.adaptive_every", self.adaptive_every)
+
+
+@dataclass
+class BatchingConfig:
+    """Token-budget batches with a stage mix."""
+
+    token_budget: int = 2048
+    """Tokens per batch per rank (visual + text, plus the attention term below). Every batch is filled
+    close to this and never above it."""
+    mix: MixConfig = field(default_factory=MixConfig)
+    ratio_unit: str = "samples"
+    """What a mix ratio counts: ``samples`` (as the reference: 25/50/25 means a quarter of the samples are
+    stage 0) or ``tokens`` (a quarter of the tokens are stage 0, so far more stage-0 samples)."""
+    attention_cost: float = 0.0
+    """Extra cost per token per token of segment length: a segment of L tokens costs L + attention_cost * L**2.
+    About 1 / (6 * model width) makes attention FLOPs count like the linear layers' FLOPs."""
+    batch_multiple: int = 1
+    """The number of samples in a batch is a multiple of this."""
+    max_samples: int = 1024
+    """At most this many samples in one batch, whatever the budget allows."""
+    seed: int = 0
+    """Seed of the per-epoch data permutation."""
+
+    def __post_init__(self) -> None:
+        check_integer("batching.token_budget", self.token_budget, 1, " tokens")
+        check_choice("batching.ratio_unit", self.ratio_unit, RATIO_UNITS)
+        if self.attention_cost < 0:
+            raise ValueError(f"batching.attention_cost={self.attention_cost} must be >= 0.")
+        check_integer("batching.batch_multiple", self.batch_multiple)
+        if self.max_samples < self.batch_multiple:
+            raise ValueError(f"batching.max_samples={self.max_samples} is below batching.batch_multiple={self.batch_multiple}.")
+
+
+# ----- video ------------------------------------------------------------------------------------------
+
+def unit_spans(frames: int, unit_frames: int) -> list[tuple[int, int]]:
+    """(first frame, number of frames) of every unit of a ``frames``-long video: unit 0 is frame 0 alone."""
+    if frames < 1 or (frames - 1) % unit_frames:
+        raise ValueError(
+            f"a video of {frames} frames is not a first frame plus units of {unit_frames} frames; use "
+            f"1 + U * {unit_frames} frames (e.g. {1 + unit_frames * max(1, (frames - 1) // unit_frames)})."
+        )
+    return [(0, 1)] + [(1 + u * unit_frames, unit_frames) for u in range((frames - 1) // unit_frames)]
+
+
+@dataclass
+class VideoConfig:
+    """Autoregressive video over units of frames (leave unit_frames unset for images or whole clips)."""
+
+    unit_frames: int | None = None
+    """Frames per unit F. Set: data.frames must be 1 + U * F, and training predicts one unit per example
+    conditioned on the earlier ones. None: every sample is generated whole (images, or clips at once)."""
+    image_ratio: float = 0.25
+    """Share of training examples that are unit 0 (the first frame alone, i.e. an image); the rest spread
+    evenly over units 1..U."""
+    history_noise: float = 0.1
+    """History is corrupted with a noise level drawn uniformly from [0, history_noise] per example."""
+    max_history_units: int | None = None
+    """Condition on at most this many earlier units (None: all of them)."""
+    sample_history_noise: float = 0.0
+    """Noise level of the history when sampling (0: the generated frames as they are)."""
+    max_frames: int | None = None
+    """Longest video ``pyraflow sample --frames`` may ask for; None: the training clip length (data.frames)."""
+    cache: bool = True
+    """Compute the text and history keys/values once per unit when sampling instead of at every step."""
+    image_dataset: str | None = None
+    """An image-only dataset trained beside the clips (``mnist`` or ``image-folder``, brought to data.image_size
+    and data.channels): a share of the image examples (unit 0) take an image and its caption from it instead
+    of a clip's first frame. None: images are the clips' first frames only."""
+    image_path: str | None = None
+    """Folder for ``image_dataset: image-folder`` (images, captioned by captions.jsonl or .txt files as for data.path)."""
+    image_dataset_share: float = 0.5
+    """Share of the image examples (unit 0) drawn from image_dataset; the rest are first frames of the clips."""
+
+    def __post_init__(self) -> None:
+        for name in ("unit_frames", "max_history_units", "max_frames"):
+            check_optional_integer(f"video.{name}", getattr(self, name))
+        for name in ("image_ratio", "image_dataset_share"):
+            check_range(f"video.{name}", getattr(self, name), 0, 1)
+        for name in ("history_noise", "sample_history_noise"):
+            check_range(f"video.{name}", getattr(self, name), 0, 1, open_high=True)
+        if self.image_dataset is not None:
+            check_choice("video.image_dataset", self.image_dataset, ("mnist", "image-folder"))
+        if self.image_dataset == "image-folder" and self.image_path is None:
+            raise ValueError("video.image_dataset=image-folder needs video.image_path (the folder of images).")
+
+
+# ----- training and sampling ---------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping of a training run."""
+
+    steps: int = 1000
+    """Optimizer steps in the run."""
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    """Linear learning-rate warmup from 0."""
+    lr_schedule: str = "constant"
+    """After warmup: ``constant``, or ``cosine`` decay to lr * min_lr_ratio at train.steps."""
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    grad_accum: int = 1
+    """Batches (each one token budget) per optimizer step."""
+    precision: str = "auto"
+    """``fp32``, ``bf16`` (autocast, fp32 master weights) or ``auto``: bf16 on CUDA, fp32 on CPU. The choice is
+    recorded in the run and a resume keeps it. (Whether bf16 pays on a given CPU depends on its matrix
+    units: ``pyraflow bench`` times both.)"""
+    ema_decay: float = 0.995
+    """EMA decay per step; 0.995 averages over ~200 steps (short runs), long runs use ~0.9999."""
+    ema_warmup_steps: int = 100
+    """The decay ramps linearly from 0 to ema_decay over these steps, so the EMA starts as the model itself."""
+    text_dropout: float = 0.1
+    """Probability of replacing a caption by the null embedding (for classifier-free guidance)."""
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 500
+    """Write a sample grid every this many steps (and at the end); 0 disables the intermediate ones."""
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5
+    """Consecutive steps with a non-finite loss or gradient after which the run saves and stops."""
+    parallel: str = "ddp"
+    """Data parallelism under torchrun: ``ddp`` or ``fsdp`` (FSDP2 fully_shard)."""
+    collective_timeout_minutes: float = 10.0
+    """Under torchrun: how long a rank waits in a collective for a peer that hangs before the job fails."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default)."""
+    time_limit_minutes: float | None = None
+    """Stop (with a checkpoint) once training has run this long, even before train.steps: equal-compute runs."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "grad_accum", "log_every", "max_bad_steps"):
+            check_integer(f"train.{name}", getattr(self, name))
+        for name in ("warmup_steps", "ema_warmup_steps", "sample_every", "checkpoint_every", "keep_checkpoints"):
+            check_integer(f"train.{name}", getattr(self, name), 0)
+        if self.lr <= 0:
+            raise ValueError(f"train.lr={self.lr} must be > 0.")
+        for name in ("ema_decay", "text_dropout"):
+            check_range(f"train.{name}", getattr(self, name), 0, 1, open_high=True)
+        check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        check_range("train.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_choice("train.precision", self.precision, PRECISIONS)
+        if self.time_limit_minutes is not None and self.time_limit_minutes <= 0:
+            raise ValueError(f"train.time_limit_minutes={self.time_limit_minutes} must be > 0 (or null).")
+        if self.collective_timeout_minutes <= 0:
+            raise ValueError(f"train.collective_timeout_minutes={self.collective_timeout_minutes} must be > 0.")
+        check_choice("train.parallel", self.parallel, PARALLEL_MODES)
+        check_optional_integer("train.threads", self.threads)
+
+
+@dataclass
+class SampleConfig:
+    """How sample grids are drawn (during training and by ``pyraflow sample``)."""
+
+    steps: list[int] | int = 10
+    """Euler steps per stage: one number for every stage, or one per stage."""
+    guidance: float = 3.0
+    """Classifier-free guidance scale (1 = no guidance)."""
+    prompts: list[str] = field(default_factory=list)
+    """Prompts for the grids written during training; empty means the dataset's own (the ten digits for mnist)."""
+    per_prompt: int = 8
+    """Images per prompt in those grids."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        steps = [self.steps] if isinstance(self.steps, int) else list(self.steps)
+        if not steps or any(not isinstance(s, int) or s < 1 for s in steps):
+            raise ValueError(f"sample.steps={self.steps!r} must be a positive integer or a list of them (one per stage).")
+        if self.guidance < 0:
+            raise ValueError(f"sample.guidance={self.guidance} must be >= 0.")
+        check_integer("sample.per_prompt", self.per_prompt)
+
+    def steps_per_stage(self, num_stages: int) -> list[int]:
+        steps = [self.steps] * num_stages if isinstance(self.steps, int) else list(self.steps)
+        if len(steps) != num_stages:
+            raise ValueError(f"sample.steps has {len(steps)} entries for {num_stages} stages; give one per stage.")
+        return steps

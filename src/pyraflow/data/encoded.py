@@ -1,0 +1,62 @@
+"""Datasets encoded for training: latents from the latent space and caption embeddings from the text encoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pyraflow.config import DataConfig
+from pyraflow.data.datasets import RawSample, build_dataset, check_bad_files, iterate_samples
+
+
+@dataclass
+class EncodedData:
+    """A dataset encoded for training: latents and text, in memory."""
+
+    latents: torch.Tensor  # (N, C, T, h, w)
+    text_tokens: torch.Tensor  # (N, L, D) zero-padded
+    text_lengths: torch.Tensor  # (N,)
+    pooled: torch.Tensor  # (N, D_pooled)
+    ids: list[str]
+    captions: list[str]
+    labels: list[int | None] = field(default_factory=list)
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def text(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.text_tokens[i, : int(self.text_lengths[i])], self.pooled[i]
+
+
+def encode_samples(samples: list[RawSample], text_encoder, latent_space, batch_size: int = 64) -> dict:
+    """Encode raw samples: latents batch by batch, each distinct caption once."""
+    latents = [latent_space.encode(torch.stack([s.pixels for s in samples[i : i + batch_size]]))
+               for i in range(0, len(samples), batch_size)]
+    captions = [s.caption for s in samples]
+    unique = sorted(set(captions))
+    embedded = text_encoder.encode(unique)
+    where = {c: i for i, c in enumerate(unique)}
+    rows = torch.tensor([where[c] for c in captions], dtype=torch.long)
+    return {
+        "latents": torch.cat(latents),
+        "text_tokens": embedded.tokens[rows],
+        "text_lengths": embedded.lengths[rows],
+        "pooled": embedded.pooled[rows],
+    }
+
+
+def encode_dataset(config: DataConfig, text_encoder, latent_space, split: str = "train",
+                   progress: bool = False) -> EncodedData:
+    """Read, check and encode a whole dataset in memory (the path used without a cache)."""
+    from tqdm import tqdm
+
+    dataset = build_dataset(config, split)
+    samples = list(tqdm(iterate_samples(dataset), desc=f"reading {config.dataset}", disable=not progress,
+                        leave=False))
+    check_bad_files(dataset, len(samples), config)
+    tensors = encode_samples(samples, text_encoder, latent_space)
+    return EncodedData(**tensors, ids=[s.id for s in samples], captions=[s.caption for s in samples],
+                       labels=[s.label for s in samples], skipped=len(dataset.bad))
+

@@ -1,0 +1,135 @@
+"""A trained run, ready to sample: ``load_pipeline(RUN)`` -> ``Pipeline.generate / video / grid``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pyraflow.config import Config
+from pyraflow.media import write_grid
+from pyraflow.model import MultiStageMMDiT
+from pyraflow.sample.sampler import model_device, sample_pyramid, sample_video
+from pyraflow.schedule import PyramidSchedule
+from pyraflow.text import TextEmbedding
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Pipeline:
+    """Everything sampling needs from a run: config, (EMA) model, schedule, text encoder, latent space, null text.
+
+    Sampling runs on the model's device; pixels come back on the CPU.
+    """
+
+    def __init__(self, config: Config, model: MultiStageMMDiT, schedule: PyramidSchedule, text_encoder, latent_space,
+                 null: TextEmbedding):
+        self.config, self.model, self.schedule = config, model.eval(), schedule
+        self.text_encoder, self.latent_space, self.null = text_encoder, latent_space, null
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.latent_space.decode(latents).clamp(-1, 1).cpu()
+
+    def generate(self, prompts: list[str], seed: int = 0, steps: list[int] | None = None,
+                 guidance: float | None = None) -> tuple[torch.Tensor, list[float]]:
+        """One sample per prompt -> (pixels (B, C, T, H, W) in [-1, 1], seconds per stage). Same seed, same pixels.
+
+        Runs trained on video units generate their clip length autoregressively (seconds are then per unit).
+        """
+        if self.config.video_units():
+            return self.video(prompts, self.config.data.frames, seed, steps=steps, guidance=guidance)
+        sc = self.config.sample
+        text = self.text_encoder.encode(list(prompts))
+        latents, timings = sample_pyramid(self.model, self.schedule, text, self.null, self.config.latent_shape(),
+                                          steps or sc.steps_per_stage(self.schedule.num_stages),
+                                          sc.guidance if guidance is None else guidance, self._generator(seed))
+        return self._decode(latents), timings
+
+    def max_frames(self) -> int:
+        return self.config.video.max_frames or self.config.data.frames
+
+    def video(self, prompts: list[str], frames: int, seed: int = 0, image: torch.Tensor | None = None,
+              steps: list[int] | None = None, guidance: float | None = None, allow_longer: bool = False,
+              use_cache: bool | None = None) -> tuple[torch.Tensor, list[float]]:
+        """``frames`` frames per prompt, unit by unit -> (pixels (B, C, frames, H, W) in [-1, 1], seconds per unit).
+
+        image: (C, H, W) pixels in [-1, 1] used as the first frame of every video (image-to-video).
+        """
+        cfg, vc = self.config, self.config.video
+        c, trained, h, w = cfg.latent_shape()
+        if vc.unit_frames is None:
+            if frames != trained or image is not None:
+                raise ValueError(
+                    f"this run was trained on whole {trained}-frame samples (video.unit_frames unset), so it makes exactly "
+                    f"{trained} frames and cannot start from an image; train with video.unit_frames for --frames/--image."
+                )
+            return self.generate(prompts, seed, steps, guidance)
+        if frames > self.max_frames() and not allow_longer:
+            raise ValueError(
+                f"--frames {frames} is longer than this run's limit of {self.max_frames()} frames (its training clips); "
+                "ask for fewer, or add --allow-longer to go on with the history limited to the trained units."
+            )
+        if image is not None:
+            size = cfg.data.image_size
+            if tuple(image.shape) != (cfg.data.channels, size, size):
+                raise ValueError(
+                    f"--image has shape {tuple(image.shape)} (channels, height, width) but this run makes "
+                    f"{cfg.data.channels}x{size}x{size} frames; give a {size}x{size} image."
+                )
+        units = -(-(frames - 1) // vc.unit_frames)  # units after the first frame, rounded up
+        total = 1 + units * vc.unit_frames
+        history = vc.max_history_units
+        if history is None and total > trained:
+            history = (trained - 1) // vc.unit_frames  # never condition on more units than training showed
+        sc = self.config.sample
+        text = self.text_encoder.encode(list(prompts))
+        first = None
+        if image is not None:
+            first = self.latent_space.encode(image[None, :, None]).expand(len(prompts), -1, -1, -1, -1)
+        latents, timings = sample_video(
+            self.model, self.schedule, text, self.null, (c, total, h, w), vc.unit_frames,
+            steps or sc.steps_per_stage(self.schedule.num_stages), sc.guidance if guidance is None else guidance,
+            self._generator(seed), first_frame=first, use_cache=vc.cache if use_cache is None else use_cache,
+            max_history_units=history, history_noise=vc.sample_history_noise)
+        pixels = self._decode(latents[:, :, :frames])
+        if image is not None:
+            pixels[:, :, 0] = image  # the given frame exactly, not its round trip through the latent space
+        return pixels, timings
+
+    def grid(self, prompts: list[str], per_prompt: int, path: Path, seed: int | None = None,
+             steps: list[int] | None = None, guidance: float | None = None) -> list[float]:
+        """``per_prompt`` samples for each prompt, one row per prompt, saved as one PNG (videos: a contact
+        sheet PNG and a GIF beside it)."""
+        seed = self.config.sample.seed if seed is None else seed
+        pixels, timings = self.generate([p for p in prompts for _ in range(per_prompt)], seed, steps, guidance)
+        write_grid(pixels, path, rows=len(prompts))
+        return timings
+
+
+def load_pipeline(checkpoint: str | Path, device: torch.device | str | None = None, use_ema: bool = True) -> Pipeline:
+    """A run directory or checkpoint -> a ready Pipeline on ``device`` (default: CUDA when present), with clear
+    errors for missing or corrupt files."""
+    from pyraflow.config import load_config
+    from pyraflow.latents import build_latent_space
+    from pyraflow.text import load_null, load_text_encoder
+    from pyraflow.checkpoint import resolve_checkpoint
+
+    device = torch.device(device) if device is not None else default_device()
+    path = resolve_checkpoint(checkpoint)
+    config = load_config(path / "run.yaml")
+    model = MultiStageMMDiT.from_pretrained(path, weights="ema.safetensors" if use_ema else "model.safetensors")
+    if model.config != config.model:
+        raise ValueError(f"{path / 'config.json'} does not match the model section of {path / 'run.yaml'}; "
+                         "the checkpoint is inconsistent.")
+    text_encoder = load_text_encoder(config.text)
+    return Pipeline(config, model.to(device), PyramidSchedule(config.schedule), text_encoder,
+                    build_latent_space(config.latent, device), load_null(path / "null_text.safetensors"))

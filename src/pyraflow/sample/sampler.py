@@ -1,0 +1,173 @@
+"""Pyramidal sampling: Euler steps through each stage, a renoising jump between stages, and
+classifier-free guidance. The sampler owns the loop; the model is only a velocity function.
+
+Everything stays on the model's device from the first noise to the last step, block noise included (draw with
+a generator on that device: the same seed gives the same samples on a given device).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pyraflow.config import unit_spans
+from pyraflow.model import MultiStageMMDiT
+from pyraflow.packing import Sample, pack, patchify, unpack_stacked
+from pyraflow.schedule import PyramidSchedule
+from pyraflow.text import TextEmbedding
+from pyraflow.video import history_parts
+
+
+def model_device(model) -> torch.device:
+    """The device of a model's parameters (CPU for a parameter-free stand-in)."""
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so a stage's wall time is its own (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def sample_pyramid(
+    model: MultiStageMMDiT,
+    schedule: PyramidSchedule,
+    text: TextEmbedding,
+    null: TextEmbedding,
+    latent_shape: tuple[int, int, int, int],
+    steps: list[int],
+    guidance: float = 3.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, list[float]]:
+    """Generate one latent per caption in ``text``, on the model's device.
+
+    latent_shape: (C, T, H, W) at full resolution. Returns (latents (B, C, T, H, W), seconds per stage).
+    Stage 0 starts from the coarsest level of one full-resolution Gaussian; each stage integrates its
+    local coordinate r from 1 to 0 (x <- x + (r_next - r) v); between stages ``schedule.jump`` upsamples
+    and renoises with block noise. Guidance runs the conditional and null branches in one packed pass.
+    ``generator`` must live on the model's device.
+    """
+    noise = torch.randn((len(text), *latent_shape), generator=generator, device=model_device(model))
+    return denoise_cascade(model, schedule, noise, text, null, steps, guidance, generator)
+
+
+def denoise_cascade(
+    model: MultiStageMMDiT,
+    schedule: PyramidSchedule,
+    noise: torch.Tensor,
+    text: TextEmbedding,
+    null: TextEmbedding,
+    steps: list[int],
+    guidance: float,
+    generator: torch.Generator | None,
+    history=None,
+    unit: int | None = None,
+    first_frame: int = 0,
+    use_cache: bool = False,
+) -> tuple[torch.Tensor, list[float]]:
+    """Run one latent (per caption) through every stage: noise (B, C, T, H, W) at full resolution, on the model's
+    device -> latents on that device.
+
+    history(k, row) -> list of HistoryPart of caption ``row``, for a video unit predicted at stage k; with
+    ``use_cache`` the text and history are run once per stage (MultiStageMMDiT.prefix_cache) instead of at
+    every step.
+    """
+    model.eval()
+    device = noise.device
+    text, null = text.to(device), null.to(device)
+    n = len(text)
+    x = schedule.noise_pyramid(noise)[0]
+    guided = guidance != 1.0
+    captions = [text.item(j) for j in range(n)] + ([null.item(0)] * n if guided else [])
+    timings = []
+    p = model.config.patch_size
+    for k in range(schedule.num_stages):
+        start = time.perf_counter()
+        if k > 0:
+            x = schedule.jump(x, k, generator)
+        grid = schedule.sampling_grid(steps[k])
+        parts = [history(k, j % n) if history is not None else [] for j in range(len(captions))]
+        # Shapes stay fixed within a stage, so pack and prepare once; each step only swaps in the
+        # current latents and timestep.
+        cache = None
+        if use_cache and parts[0]:
+            prefix = [Sample(ps[-1].stage, ps[-1].latent, *c, ps[-1].timestep, ps[:-1], ps[-1].first_frame, ps[-1].unit)
+                      for c, ps in zip(captions, parts)]
+            cache = model.prefix_cache(pack(prefix, schedule.num_stages, p).to(device))
+            parts = [[] for _ in captions]
+        samples = [Sample(k, x[j % n], *c, 0.0, ps, first_frame, unit) for j, (c, ps) in enumerate(zip(captions, parts))]
+        batch = pack(samples, schedule.num_stages, p).to(device)
+        context = model.prepare(batch.layout, device, prefix=cache)
+        rows = torch.tensor([i % n for i in batch.layout.order], device=device)  # packed segment -> row of x
+        _, runs = torch.unique_consecutive(batch.layout.run_segment, return_counts=True)
+        last_run = (runs.cumsum(0) - 1).to(device)  # the predicted latent's run in each segment
+        with_history = batch.predicted.numel() != batch.visual.shape[0]
+        for i in range(steps[k]):
+            t = schedule.timestep(torch.tensor([k]), grid[i].float().reshape(1))[0]
+            batch.visual[batch.predicted] = patchify(x, p).index_select(0, rows).flatten(0, 1)
+            batch.timestep[last_run] = float(t)
+            out = model(batch, context, prefix=cache)
+            if with_history:
+                out = out.index_select(0, batch.predicted)
+            velocity = unpack_stacked(out.float(), batch.layout)  # (rows, C, T, H, W) in caption order
+            if guided:
+                v_cond, v_null = velocity[:n], velocity[n:]
+                velocity = v_null + guidance * (v_cond - v_null)
+            x = x + (grid[i + 1] - grid[i]).float() * velocity
+        _synchronize(device)
+        timings.append(time.perf_counter() - start)
+    return x, timings
+
+
+@torch.no_grad()
+def sample_video(
+    model: MultiStageMMDiT,
+    schedule: PyramidSchedule,
+    text: TextEmbedding,
+    null: TextEmbedding,
+    latent_shape: tuple[int, int, int, int],
+    unit_frames: int,
+    steps: list[int],
+    guidance: float = 3.0,
+    generator: torch.Generator | None = None,
+    first_frame: torch.Tensor | None = None,
+    use_cache: bool = True,
+    max_history_units: int | None = None,
+    history_noise: float = 0.0,
+) -> tuple[torch.Tensor, list[float]]:
+    """Autoregressive video: unit by unit, each through the whole stage cascade, conditioned on the
+    compressed history of the units generated so far.
+
+    latent_shape: (C, T, H, W) with T = 1 + U * unit_frames. first_frame: (B, C, 1, H, W) latents to start from
+    (image-to-video) instead of generating unit 0. Returns (latents (B, C, T, H, W) on the model's device,
+    seconds per unit). ``generator`` must live on the model's device.
+    """
+    device = model_device(model)
+    c, frames, h, w = latent_shape
+    spans = unit_spans(frames, unit_frames)
+    n = len(text)
+    video = torch.zeros((n, c, frames, h, w), device=device)
+    timings = []
+    for u, (first, count) in enumerate(spans):
+        start = time.perf_counter()
+        if u == 0 and first_frame is not None:
+            video[:, :, :1] = first_frame.to(device)
+            timings.append(0.0)
+            continue
+        noise = torch.randn((n, c, count, h, w), generator=generator, device=device)
+        levels = schedule.data_pyramid(video)
+        noise_levels = (schedule.noise_pyramid(torch.randn(video.shape, generator=generator, device=device))
+                        if history_noise else None)
+
+        def history(k: int, row: int):
+            return history_parts([lv[row] for lv in levels], spans, u, k, max_history_units, history_noise,
+                                 None if noise_levels is None else [nv[row] for nv in noise_levels],
+                                 schedule.config.num_timesteps)
+
+        video[:, :, first : first + count], _ = denoise_cascade(
+            model, schedule, noise, text, null, steps, guidance, generator, history, u, first, use_cache)
+        timings.append(time.perf_counter() - start)
+    return video, timings

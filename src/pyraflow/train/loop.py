@@ -1,0 +1,116 @@
+"""``pyraflow train``: the loop around the Trainer, writing checkpoints, metrics, sample grids and a loss plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from pyraflow.config import Config
+from pyraflow.train.parallelize import barrier, process_group
+from pyraflow.train.trainer import Trainer, TrainingStopped
+
+log = logging.getLogger("pyraflow.train")
+
+
+def sample_prompts(trainer: Trainer) -> list[str]:
+    """Prompts of the grids written during training: the configured ones, the ten digits for mnist, or up to
+    eight of the dataset's captions."""
+    from pyraflow.data import caption_for_digit
+
+    if trainer.config.sample.prompts:
+        return list(trainer.config.sample.prompts)
+    if trainer.config.data.dataset == "mnist":
+        return [caption_for_digit(d) for d in range(10)]
+    return sorted(set(trainer.data.captions))[:8]
+
+
+def run_training(config: Config, out_dir: str | Path | None = None, resume: bool = False,
+                 max_steps: int | None = None, progress: bool = True) -> dict:
+    """Train to train.steps (or max_steps), writing checkpoints, metrics, grids and a loss plot. Under torchrun the
+    run owns its process group and tears it down however it ends."""
+    if out_dir is None:
+        out_dir = Path("runs") / f"{config.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with process_group(config.train.collective_timeout_minutes) as info:
+        return train(Trainer(config, out_dir, resume=resume, progress=progress, info=info), max_steps)
+
+
+def train(trainer: Trainer, max_steps: int | None = None) -> dict:
+    """Run a Trainer to train.steps (or max_steps); returns the run's summary."""
+    from tqdm import tqdm
+
+    from pyraflow.reporting import MetricsLog, plot_losses
+
+    config = trainer.config
+    tc, info, out = config.train, trainer.info, trainer.out
+    target = max_steps if max_steps is not None else tc.steps
+    metrics = MetricsLog(out, trainer.step) if info.is_main else None
+    if info.is_main:
+        images = "" if trainer.images is None else f" + {len(trainer.images)} images from {config.video.image_dataset}"
+        log.info("run directory %s (precision %s, %d samples%s)", out, trainer.precision, len(trainer.data), images)
+    started = time.perf_counter()
+    bar = tqdm(total=target, initial=trainer.step, desc="train", unit="step", disable=not trainer.progress)
+    last_saved = trainer.step
+    try:
+        while trainer.step < target:
+            m = trainer.train_step()
+            step = trainer.step
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+            if metrics and (step % tc.log_every == 0 or step == target or m["skipped"]):
+                metrics.log(m)
+            if trainer.consecutive_bad >= tc.max_bad_steps:
+                trainer.save()
+                raise TrainingStopped(
+                    f"{trainer.consecutive_bad} steps in a row had a non-finite loss or gradient (last at step {step}); "
+                    f"state saved in {out}/checkpoints/latest. Lower train.lr, raise train.warmup_steps or check the "
+                    "data, then continue with --resume."
+                )
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                trainer.save()
+                last_saved = step
+            if tc.sample_every and step % tc.sample_every == 0 and step != target:
+                write_training_grid(trainer, out / "samples" / f"step-{step:06d}.png")
+            if tc.time_limit_minutes and _out_of_time(trainer, started, tc.time_limit_minutes):
+                break
+    finally:
+        bar.close()
+        if metrics:
+            metrics.close()
+    if last_saved != trainer.step:
+        trainer.save()
+    timings = write_training_grid(trainer, out / "samples" / f"step-{trainer.step:06d}.png")
+    summary = {"run_dir": str(out), "steps": trainer.step, "seconds": time.perf_counter() - started,
+               "precision": trainer.precision, "bad_steps": trainer.bad_steps, "sample_seconds_per_stage": timings}
+    if info.is_main:
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _out_of_time(trainer: Trainer, started: float, minutes: float) -> bool:
+    """Whether the time limit is reached; under torchrun every rank follows rank 0's clock."""
+    late = torch.tensor([float(time.perf_counter() - started > 60 * minutes)], device=trainer.info.device)
+    if trainer.info.enabled:
+        import torch.distributed as dist
+
+        dist.broadcast(late, src=0)
+    return bool(late.item())
+
+
+def write_training_grid(trainer: Trainer, path: Path) -> list[float] | None:
+    """A sample grid from the EMA weights, on the training device; returns seconds per stage (rank 0)."""
+    from pyraflow.sample import Pipeline
+
+    model = trainer.ema_model()  # collective under FSDP, so every rank builds it
+    timings = None
+    if trainer.info.is_main:
+        sc = trainer.config.sample
+        pipeline = Pipeline(trainer.config, model, trainer.schedule, trainer.text_encoder, trainer.latent_space,
+                            trainer.null)
+        timings = pipeline.grid(sample_prompts(trainer), sc.per_prompt, path)
+    barrier(trainer.info)
+    return timings
