@@ -88,3 +88,54 @@ def backend_attention(backend, layout, causal, device=torch.device("cpu")):
     from pyraflow.attention import build_attention
 
     return build_attention(layout, backend, causal, device, varlen_kernel=reference_varlen)
+
+
+def tiny_text_encoder(folder):
+    """A randomly initialised 32-wide BERT with a word-level vocabulary, saved where text.encoder can load it."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "synthetic", "picture", "number"] + [str(i) for i in range(100)]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(folder)
+    return folder
+
+
+def one_rank_fsdp_bf16_run(tmp_path, steps: int = 20):
+    """``pyraflow train`` under torchrun on one rank with FSDP2 in bf16, from a synthetic prepared cache of 16-channel
+    latents (no VAE at hand) and a tiny local text encoder; checks it trains and records its precision."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pyraflow.bench.data import write_synthetic_cache
+    from pyraflow.config import load_config
+    from pyraflow.latents import build_latent_space
+    from pyraflow.text import load_text_encoder
+
+    encoder = tiny_text_encoder(tmp_path / "encoder")
+    settings = [f"text.encoder={encoder}", "model.text_dim=32", "model.pooled_dim=32", "model.width=64",
+                "model.depth=2", "model.num_heads=2", "latent.kind=vae", "latent.channels=16", "latent.downsample=1",
+                "data.image_size=32", "model.patch_size=4", f"data.cache={tmp_path / 'cache'}", "data.text_dtype=bfloat16",
+                "train.parallel=fsdp", "train.precision=bf16", f"train.steps={steps}", "train.checkpoint_every=10",
+                "train.sample_every=0", "batching.token_budget=1024", "text.max_tokens=8"]
+    config = load_config(None, settings)
+    write_synthetic_cache(tmp_path / "cache", config, 300, load_text_encoder(config.text).identity,
+                          build_latent_space(config.latent).identity)
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "pyraflow",
+               "train", "--quiet", "--out", str(run), *[a for s in settings for a in ("--set", s)]]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1",
+                                 "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == steps and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert json.loads((run / "summary.json").read_text())["precision"] == "bf16"
+    assert (run / "checkpoints" / f"step-{steps}" / "optimizer.pt").is_file()
+    return result

@@ -278,7 +278,9 @@ def test_an_image_dataset_trains_beside_the_clips_as_unit_0(tmp_path, monkeypatc
     """video.image_dataset: unit-0 examples take images and captions from it; later units keep their clips."""
     from PIL import Image
 
-    import pyraflow.train.trainer as training
+    import pyraflow.train.objective as objective
+    from pyraflow.data.loader import BatchPlan
+    from pyraflow.train import Trainer
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -288,17 +290,18 @@ def test_an_image_dataset_trains_beside_the_clips_as_unit_0(tmp_path, monkeypatc
     config = load_config(None, TINY_VIDEO + ["video.image_dataset=image-folder", f"video.image_path={folder}",
                                              "video.image_dataset_share=1.0", "video.image_ratio=0.5",
                                              "train.text_dropout=0.0"])
-    trainer = training.Trainer(config, tmp_path / "run", progress=False)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
     assert len(trainer.images) == 3 and trainer.images.latents.shape[2] == 1
-    seen = []
-    next_batch = trainer.batcher.next_batch
-    monkeypatch.setattr(trainer.batcher, "next_batch", lambda: seen.append(next_batch()) or seen[-1])
-    real = training.unit_examples
+    real = objective.unit_examples
     calls = []
-    monkeypatch.setattr(training, "unit_examples",
-                        lambda *a, **k: calls.append((a[1], a[3], a[6])) or real(*a, **k))
-    for _ in range(3):
-        trainer._micro_batch()
+    monkeypatch.setattr(objective, "unit_examples",
+                        lambda *a, **k: calls.append((a[1].clone(), a[3], list(a[6]))) or real(*a, **k))
+    seen = []
+    for _ in range(3):  # what a loader worker does with each planned batch
+        planned = trainer.batcher.next_batch()
+        seen.append(planned)
+        plan = BatchPlan(planned.sample_ids, planned.step, planned.classes, {})
+        trainer.builder(plan, torch.stack([trainer.data.latent(i) for i in plan]), [trainer.data.text(i) for i in plan])
     image_texts = [trainer.images.text(j)[0] for j in range(3)]
     counts = {0: 0, 1: 0}
     for batch, (clean, units, texts) in zip(seen, calls):

@@ -2,7 +2,8 @@
 
   RUN/checkpoints/step-N/   config.json + model.safetensors (MultiStageMMDiT.from_pretrained reads these),
                             ema.safetensors, null_text.safetensors, run.yaml (the full config),
-                            trainer.pt (optimizer, LR schedule, batcher, RNG states, counters)
+                            trainer.pt (LR schedule, batcher position, stage mix, counters, precision),
+                            optimizer.pt (the full AdamW state; under FSDP read by rank 0 alone)
   RUN/checkpoints/latest -> step-N   a symlink, replaced atomically
 
 A checkpoint is assembled in a temporary directory and renamed into place (pyraflow.storage); ``latest`` is
@@ -19,7 +20,9 @@ import torch
 
 from pyraflow.storage import atomic_path, remove_partials
 
-REQUIRED = ("config.json", "model.safetensors", "ema.safetensors", "null_text.safetensors", "run.yaml", "trainer.pt")
+REQUIRED = ("config.json", "model.safetensors", "ema.safetensors", "null_text.safetensors", "run.yaml", "trainer.pt",
+            "optimizer.pt")
+SAMPLING = ("config.json", "ema.safetensors", "null_text.safetensors", "run.yaml")  # what sampling needs
 
 
 def write_checkpoint(run_dir: Path, step: int, writer, keep: int) -> Path:
@@ -41,8 +44,9 @@ def write_checkpoint(run_dir: Path, step: int, writer, keep: int) -> Path:
     return final
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory (its latest checkpoint) or a checkpoint directory -> a checked checkpoint directory."""
+def resolve_checkpoint(path: str | Path, needs: tuple[str, ...] = REQUIRED) -> Path:
+    """A run directory (its latest checkpoint) or a checkpoint directory -> a checkpoint directory holding ``needs``
+    (everything a resume reads by default; SAMPLING for sampling)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a run directory made by 'pyraflow train' or a checkpoint in it.")
@@ -51,7 +55,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if not latest.exists():
             raise FileNotFoundError(f"{path} has no finished checkpoint yet ({latest} is missing); train longer or pick a step-N directory.")
         path = latest.resolve()
-    missing = [name for name in REQUIRED if not (path / name).is_file()]
+    missing = [name for name in needs if not (path / name).is_file()]
     if missing:
         raise FileNotFoundError(
             f"{path} is not a complete pyraflow checkpoint: missing {', '.join(missing)}. "
@@ -76,8 +80,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} cannot be read ({err}); the checkpoint is corrupt, use an earlier step-N.") from err
 
 
-def load_trainer_state(path: Path) -> dict:
+def load_trainer_state(path: Path, name: str = "trainer.pt") -> dict:
     try:
-        return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        return torch.load(path / name, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise ValueError(f"{path / 'trainer.pt'} cannot be read ({err}); the checkpoint is corrupt, use an earlier step-N.") from err
+        raise ValueError(f"{path / name} cannot be read ({err}); the checkpoint is corrupt, use an earlier step-N.") from err

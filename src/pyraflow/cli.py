@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--scales", type=_positive_int, nargs="+", default=None, metavar="S",
                        help="also time pyraflow, the reference's rows and one stage per step with latent sides times S "
                             "(e.g. 2 4; both add ~6 min on 2 CPU cores)")
+    bench.add_argument("--data", action="store_true",
+                       help="only the data benchmark: peak memory and data wait training from prepared caches of 2,000 "
+                            "and 50,000 synthetic samples (~4 GB of temporary files, a few minutes)")
     bench.add_argument("--full", action="store_true",
                        help="also the quality study: train the MNIST demo with 4 stage mixes for equal time, evaluate each")
     bench.add_argument("--minutes", type=float, default=10.0, help="training minutes per variant for --full (default 10)")
@@ -227,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench":
             from pyraflow.bench.speed import format_bench, run_bench
 
+            if args.data:
+                from pyraflow.bench.data import data_benchmark, format_data
+
+                result = {"data": data_benchmark(progress=not args.json)}
+                print(json.dumps(result, indent=2) if args.json else format_data(result["data"]))
+                return 0
             result = run_bench(steps=args.steps, warmup=args.warmup, threads=args.threads, progress=not args.json,
                                scales=args.scales)
             if args.full:

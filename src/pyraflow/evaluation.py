@@ -159,9 +159,9 @@ def evaluate(checkpoint: str | Path, num: int = 200, seed: int = 0, steps: int |
 
     from pyraflow.data import caption_for_digit, encode_dataset
     from pyraflow.sample import load_pipeline
-    from pyraflow.checkpoint import resolve_checkpoint
+    from pyraflow.checkpoint import SAMPLING, resolve_checkpoint
 
-    path = resolve_checkpoint(checkpoint)
+    path = resolve_checkpoint(checkpoint, SAMPLING)
     pipeline = load_pipeline(path, device)
     config = pipeline.config
     is_mnist = config.data.dataset == "mnist"

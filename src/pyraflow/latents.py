@@ -15,6 +15,8 @@ from pyraflow.config import LatentConfig
 
 
 class PixelSpace:
+    can_decode = True
+
     def __init__(self, config: LatentConfig):
         self.scale = 1.0 if config.scale is None else config.scale
         self.shift = 0.0 if config.shift is None else config.shift
@@ -29,6 +31,8 @@ class PixelSpace:
 
 class VAESpace:
     """A frozen diffusers AutoencoderKL; the mean of the posterior is used as the latent."""
+
+    can_decode = True
 
     def __init__(self, config: LatentConfig, device: torch.device | str = "cpu"):
         from diffusers import AutoencoderKL
@@ -55,5 +59,26 @@ class VAESpace:
         return rearrange(self.vae.decode(z).sample, "(b t) c h w -> b c t h w", t=t).cpu()
 
 
-def build_latent_space(config: LatentConfig, device: torch.device | str = "cpu") -> PixelSpace | VAESpace:
-    return PixelSpace(config) if config.kind == "pixel" else VAESpace(config, device)
+class PreparedLatents:
+    """The latent space of a run trained from latents prepared elsewhere (latent.kind=vae with no latent.path): its
+    shape and normalisation are known from the config, but without the VAE nothing can be encoded or decoded."""
+
+    can_decode = False
+
+    def __init__(self, config: LatentConfig):
+        self.scale = 1.0 if config.scale is None else config.scale
+        self.shift = 0.0 if config.shift is None else config.shift
+        self.identity = f"vae:prepared:{config.channels}x{config.downsample}:{self.scale}:{self.shift}"
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise ValueError("latent.path is not set, so images cannot be encoded; point latent.path at the AutoencoderKL.")
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise ValueError("latent.path is not set, so samples cannot be decoded to pixels; point latent.path at the "
+                         "AutoencoderKL the latents were made with.")
+
+
+def build_latent_space(config: LatentConfig, device: torch.device | str = "cpu") -> PixelSpace | VAESpace | PreparedLatents:
+    if config.kind == "pixel":
+        return PixelSpace(config)
+    return VAESpace(config, device) if config.path is not None else PreparedLatents(config)

@@ -141,7 +141,20 @@ def test_adaptive_mix_favours_the_stage_that_stops_improving():
     assert (r >= 0.1 - 1e-9).all() and (r <= 0.6 + 1e-9).all()
     clone = AdaptiveMix(mix.config, 3)
     clone.load_state_dict(mix.state_dict())
-    np.testing.assert_array_equal(clone.ratio(0), r)
+    for step in (0, 15, 500, 2000, 2010):
+        np.testing.assert_array_equal(clone.ratio(step), mix.ratio(step))
+
+
+def test_an_adaptive_update_applies_a_fixed_delay_after_the_losses_it_reads():
+    """So a batch planned ahead by the loader gets the same ratio however far ahead it was planned."""
+    mix = AdaptiveMix(MixConfig(kind="adaptive", ratio="uniform", adaptive_every=10, adaptive_rate=0.5), 3)
+    start = mix.ratio(0).copy()
+    for step in range(1, 11):
+        mix.observe(step, {0: 1.0, 1: 1.0, 2: 2.0 if step < 5 else 2.0 + step})  # stage 2 worsening
+    assert not np.array_equal(mix.current, start)  # the update exists ...
+    for batch in range(20):
+        np.testing.assert_array_equal(mix.ratio(batch), start)  # ... and applies from batch 10 + 10 on
+    np.testing.assert_array_equal(mix.ratio(20), mix.current)
 
 
 @pytest.mark.parametrize(

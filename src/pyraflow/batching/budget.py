@@ -179,7 +179,8 @@ class TokenBudgetBatcher:
         return batch
 
     def state_dict(self) -> dict:
-        state = {
+        """The batcher's own position (the mix, which learns from the step, is saved by its owner)."""
+        return {
             "step": self.step,
             "target": self.target.tolist(),
             "assigned": self.assigned.tolist(),
@@ -187,9 +188,6 @@ class TokenBudgetBatcher:
             "dataset_size": self.dataset_size,
             "world_size": self.world_size,
         }
-        if hasattr(self.mix, "state_dict"):
-            state["adaptive_mix"] = self.mix.state_dict()
-        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state["dataset_size"] != self.dataset_size or state["world_size"] != self.world_size:
@@ -202,5 +200,3 @@ class TokenBudgetBatcher:
         self.target = np.asarray(state["target"], dtype=np.float64)
         self.assigned = np.asarray(state["assigned"], dtype=np.float64)
         self.consumed = int(state["consumed"])
-        if "adaptive_mix" in state and hasattr(self.mix, "load_state_dict"):
-            self.mix.load_state_dict(state["adaptive_mix"])

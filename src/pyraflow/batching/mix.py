@@ -96,11 +96,15 @@ def _check_keys(point: dict, allowed: set[str], where: str) -> None:
 class AdaptiveMix:
     """A mix that leans toward the stages whose loss is improving slowest.
 
-    Rule (every ``adaptive_every`` steps): for each stage keep a fast and a slow exponential moving
+    Rule (every ``adaptive_every`` batches): for each stage keep a fast and a slow exponential moving
     average of its loss (decays FAST_LOSS_DECAY and SLOW_LOSS_DECAY per observation). Progress p_k = (slow - fast) / slow is
     the recent relative improvement. With z_k = p_k / max|p|, the target is base_k * exp(-s * z_k),
     normalised; the ratio moves a fraction ``adaptive_rate`` toward it and is then projected onto
     [adaptive_min, adaptive_max] per stage (summing to 1). Stages with base ratio 0 stay at 0.
+
+    An update computed after batch b applies from batch b + adaptive_every on. The loader plans batches ahead of
+    the step; with this fixed delay, which ratio a batch gets never depends on how far ahead it was planned, so
+    runs and resumes are deterministic (the delay must exceed the loader's look-ahead).
     """
 
     def __init__(self, config: MixConfig, num_stages: int):
@@ -114,7 +118,8 @@ class AdaptiveMix:
                 f"batching.mix adaptive bounds min={self.lower.tolist()} max={self.upper.tolist()} leave no valid "
                 "ratio: need min <= max per stage, sum(min) <= 1 <= sum(max)."
             )
-        self.current = _project(self.base.copy(), self.lower, self.upper)
+        # (first batch it applies to, ratio), in order
+        self.schedule: list[tuple[int, np.ndarray]] = [(0, _project(self.base.copy(), self.lower, self.upper))]
         self.fast = np.full(num_stages, np.nan)
         self.slow = np.full(num_stages, np.nan)
         self.last_update = 0
@@ -126,13 +131,19 @@ class AdaptiveMix:
         return arr
 
     def ratio(self, step: int) -> np.ndarray:
-        return self.current
+        """The ratio for batch ``step``: the last update that applies by then."""
+        return next(r for start, r in reversed(self.schedule) if start <= step)
+
+    @property
+    def current(self) -> np.ndarray:
+        """The latest ratio computed (it may apply only to later batches)."""
+        return self.schedule[-1][1]
 
     def support(self) -> np.ndarray:
         return self.base > 0
 
     def observe(self, step: int, stage_losses: dict[int, float]) -> None:
-        """Feed the mean loss of each stage seen at ``step``; updates the ratio on schedule."""
+        """Feed the mean loss of each stage once ``step`` batches are done; updates the ratio on schedule."""
         for k, loss in stage_losses.items():
             if not math.isfinite(loss):
                 continue
@@ -149,18 +160,19 @@ class AdaptiveMix:
         target = self.base * np.exp(-self.config.adaptive_sensitivity * z)
         target /= target.sum()
         rate = self.config.adaptive_rate
-        self.current = _project((1 - rate) * self.current + rate * target, self.lower, self.upper)
+        updated = _project((1 - rate) * self.current + rate * target, self.lower, self.upper)
+        self.schedule.append((step + self.config.adaptive_every, updated))
 
     def state_dict(self) -> dict:
         return {
-            "current": self.current.tolist(),
+            "schedule": [(start, r.tolist()) for start, r in self.schedule],
             "fast": self.fast.tolist(),
             "slow": self.slow.tolist(),
             "last_update": self.last_update,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.current = np.asarray(state["current"], dtype=np.float64)
+        self.schedule = [(int(start), np.asarray(r, dtype=np.float64)) for start, r in state["schedule"]]
         self.fast = np.asarray(state["fast"], dtype=np.float64)
         self.slow = np.asarray(state["slow"], dtype=np.float64)
         self.last_update = int(state["last_update"])

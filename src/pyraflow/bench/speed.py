@@ -14,10 +14,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from pyraflow.bench.standard import (BACKEND_VARIANTS, ROWS, SCALING_VARIANTS, STANDARD_STAGES, THROUGHPUT_VARIANTS,
-                                     VARIANTS, VISUAL_TOKENS, SavedBytes, TrainStep, accounted_memory_mb,
-                                     cuda_peak_memory_mb, machine, matmul_peak_gflops, standard_batch,
-                                     standard_model_config, training_flops)
+from pyraflow.bench.standard import (BACKEND_VARIANTS, CUDA_VARIANTS, ROWS, SCALING_VARIANTS, STANDARD_STAGES,
+                                     THROUGHPUT_VARIANTS, VARIANTS, VISUAL_TOKENS, SavedBytes, TrainStep,
+                                     accounted_memory_mb, cuda_peak_memory_mb, machine, matmul_peak_gflops,
+                                     standard_batch, standard_model_config, training_flops, variant_names,
+                                     variant_precisions)
 from pyraflow.model import MultiStageMMDiT
 from pyraflow.packing import PackedBatch, Sample, pack
 from pyraflow.train.optim import make_optimizer
@@ -223,12 +224,13 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    names = variants or list(VARIANTS)
+    names = variants or variant_names(device)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     # the peak is the best of two moments (before and after the steps): one short measurement taken while the
     # host is busy can read far below the machine's peak, and every MFU read against it would be inflated
-    peak_runs = {p: [matmul_peak_gflops(dtype, device)] for p, dtype in dtypes.items()}
-    runs = [(n, p) for n in names for p in dtypes]
+    peak_size = 8192 if device.type == "cuda" else 2048  # a GPU needs a large product to reach its peak
+    peak_runs = {p: [matmul_peak_gflops(dtype, device, peak_size)] for p, dtype in dtypes.items()}
+    runs = [(n, p) for n in names for p in variant_precisions(n)]
     runners = {(n, p): TrainStep(n, p, device) for n, p in runs}
     times = alternate(runners, steps, warmup, device, "bench rounds", progress)
     flops = training_flops(standard_batch(), standard_model_config())
@@ -236,9 +238,9 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
               "stages": [8, 16, 32], "samples_per_stage": [4, 8, 4], "visual_tokens": VISUAL_TOKENS,
               "gflop_per_step": flops / 1e9, "steps": steps}, "variants": {}}
     for name in names:
-        fastest = min(("fp32", "bf16"), key=lambda p: statistics.median(times[(name, p)]))
+        fastest = min(variant_precisions(name), key=lambda p: statistics.median(times[(name, p)]))
         ms = 1000 * statistics.median(times[(name, fastest)])
-        layout, backend, modulation = VARIANTS[name]
+        layout, backend, modulation = {**VARIANTS, **CUDA_VARIANTS}[name]
         runner = runners[(name, fastest)]
         peak = cuda_peak_memory_mb(runner) if device.type == "cuda" else accounted_memory_mb(runner)
         result["variants"][name] = {
@@ -252,7 +254,7 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
             "attention": backend,
             "modulation": modulation,
             "model_gflops": flops / 1e9 / (ms / 1000),
-            "ms_per_step_by_precision": {p: 1000 * statistics.median(times[(name, p)]) for p in ("fp32", "bf16")},
+            "ms_per_step_by_precision": {p: 1000 * statistics.median(times[(name, p)]) for p in variant_precisions(name)},
         }
     variants_out = result["variants"]
     result["backends"] = {n: variants_out[n] for n in BACKEND_VARIANTS if n in variants_out}
@@ -265,7 +267,7 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
                 entry["pyraflow_speedup"] = base["visual_tokens_per_s"] / entry["visual_tokens_per_s"]
             result["throughput"][label] = entry
     for p, dtype in dtypes.items():
-        peak_runs[p].append(matmul_peak_gflops(dtype, device))
+        peak_runs[p].append(matmul_peak_gflops(dtype, device, peak_size))
     peaks = {p: max(observed) for p, observed in peak_runs.items()}
     if base:
         result["mfu"] = {

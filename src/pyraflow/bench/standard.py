@@ -69,7 +69,11 @@ VARIANTS = {  # name -> (layout, attention, modulation); "reference" attention =
     "padded": ("padded", "grouped", "broadcast"),
     "per_stage": ("per_stage", "grouped", "broadcast"),
 }
-BACKEND_VARIANTS = ("grouped", "reference", "grouped_per_token_modulation")
+CUDA_VARIANTS = {  # the CUDA attention backends (flex has no backward on CPU; flash needs CUDA and flash-attn)
+    "flex": ("packed", "flex", "broadcast"),
+    "flash": ("packed", "flash", "broadcast"),
+}
+BACKEND_VARIANTS = ("grouped", "reference", "grouped_per_token_modulation", "flex", "flash")
 THROUGHPUT_VARIANTS = {"pyraflow": "grouped", "reference_columns": "reference_columns", "padded": "padded",
                        "per_stage": "per_stage"}
 VISUAL_TOKENS = sum(count * (side // 2) ** 2 for _, side, count in STANDARD_STAGES)  # 1,600 real visual tokens
@@ -77,6 +81,20 @@ SCALING_VARIANTS = {"pyraflow": "grouped", "reference_columns": "reference_colum
 # The reference's [1, 2, 1] columns: row i holds standard sample i (stage 0), 4+2i and 5+2i (stage 1), 12+i (stage 2).
 ROWS = 4
 ROW_ORDER = [k for i in range(ROWS) for k in (i, 4 + 2 * i, 5 + 2 * i, 12 + i)]
+
+
+def variant_names(device: torch.device) -> list[str]:
+    """The variants this device can time: every layout, plus flex (and flash, when installed) on CUDA."""
+    from pyraflow.attention import flash_available
+
+    names = list(VARIANTS)
+    if device.type == "cuda":
+        names += ["flex"] + (["flash"] if flash_available() else [])
+    return names
+
+
+def variant_precisions(name: str) -> tuple[str, ...]:
+    return ("bf16",) if name == "flash" else ("fp32", "bf16")  # flash-attn computes in half precision only
 
 
 class TrainStep:
@@ -91,9 +109,10 @@ class TrainStep:
     """
 
     def __init__(self, variant: str, precision: str, device: torch.device, seed: int = 0, scale: int = 1):
-        layout, backend, modulation = VARIANTS[variant]
+        layout, backend, modulation = {**VARIANTS, **CUDA_VARIANTS}[variant]
         torch.manual_seed(seed)
-        self.model = MultiStageMMDiT(standard_model_config(attention="grouped")).to(device)
+        product = backend if backend in ("grouped", "flex", "flash") else "grouped"
+        self.model = MultiStageMMDiT(standard_model_config(attention=product)).to(device)
         self.optimizer = make_optimizer(list(self.model.parameters()), lr=1e-4, weight_decay=0.0)
         self.device, self.precision = device, precision
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32

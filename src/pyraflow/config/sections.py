@@ -131,7 +131,16 @@ class DataConfig:
     max_bad_fraction: float = 0.1
     """Give up if more than this fraction of the files cannot be read."""
     cache: str | None = None
-    """Directory of latents/text prepared by ``pyraflow prepare``; training reads it when it fits the config."""
+    """Directory of latents/text prepared by ``pyraflow prepare``; training reads it row by row (memory does not
+    grow with the dataset) when it fits the config, and prepares it first if it is not there."""
+    text_dtype: str = "float32"
+    """dtype of the text states in a prepared cache: ``float32``, or ``bfloat16`` (half the disk and reads) for runs
+    in bf16, where autocast rounds the text to bf16 at the model's first layer anyway."""
+    workers: int = 2
+    """DataLoader worker processes that read samples and build the packed batches ahead of the step (0: in the
+    training process)."""
+    prefetch: int = 2
+    """Batches each worker prepares ahead."""
     num_samples: int | None = None
     """Dataset size for ``pyraflow plan`` when the data is not at hand (e.g. a GPU-scale preset)."""
 
@@ -146,6 +155,9 @@ class DataConfig:
         for name in ("image_size", "frames", "frame_stride"):
             check_integer(f"data.{name}", getattr(self, name))
         check_range("data.max_bad_fraction", self.max_bad_fraction, 0, 1, open_high=True)
+        check_choice("data.text_dtype", self.text_dtype, ("float32", "bfloat16"))
+        check_integer("data.workers", self.workers, 0)
+        check_integer("data.prefetch", self.prefetch, 1)
         check_optional_integer("data.num_samples", self.num_samples, 0)
 
 

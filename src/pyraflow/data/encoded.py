@@ -12,7 +12,9 @@ from pyraflow.data.datasets import RawSample, build_dataset, check_bad_files, it
 
 @dataclass
 class EncodedData:
-    """A dataset encoded for training: latents and text, in memory."""
+    """A dataset encoded for training, in memory (small datasets; large ones go through ``pyraflow prepare``).
+
+    Reads as a prepared cache does: ``latent(i)``, ``text(i)``, ``first_captions(k)``."""
 
     latents: torch.Tensor  # (N, C, T, h, w)
     text_tokens: torch.Tensor  # (N, L, D) zero-padded
@@ -26,8 +28,14 @@ class EncodedData:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
+    def latent(self, i: int) -> torch.Tensor:
+        return self.latents[i]
+
     def text(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.text_tokens[i, : int(self.text_lengths[i])], self.pooled[i]
+
+    def first_captions(self, k: int) -> list[str]:
+        return list(dict.fromkeys(self.captions))[:k]
 
 
 def encode_samples(samples: list[RawSample], text_encoder, latent_space, batch_size: int = 64) -> dict:

@@ -121,12 +121,13 @@ def load_pipeline(checkpoint: str | Path, device: torch.device | str | None = No
     from pyraflow.config import load_config
     from pyraflow.latents import build_latent_space
     from pyraflow.text import load_null, load_text_encoder
-    from pyraflow.checkpoint import resolve_checkpoint
+    from pyraflow.checkpoint import SAMPLING, resolve_checkpoint
 
     device = torch.device(device) if device is not None else default_device()
-    path = resolve_checkpoint(checkpoint)
+    weights = "ema.safetensors" if use_ema else "model.safetensors"
+    path = resolve_checkpoint(checkpoint, SAMPLING + (weights,))
     config = load_config(path / "run.yaml")
-    model = MultiStageMMDiT.from_pretrained(path, weights="ema.safetensors" if use_ema else "model.safetensors")
+    model = MultiStageMMDiT.from_pretrained(path, weights=weights)
     if model.config != config.model:
         raise ValueError(f"{path / 'config.json'} does not match the model section of {path / 'run.yaml'}; "
                          "the checkpoint is inconsistent.")

@@ -25,7 +25,7 @@ def sample_prompts(trainer: Trainer) -> list[str]:
         return list(trainer.config.sample.prompts)
     if trainer.config.data.dataset == "mnist":
         return [caption_for_digit(d) for d in range(10)]
-    return sorted(set(trainer.data.captions))[:8]
+    return sorted(trainer.data.first_captions(8))
 
 
 def run_training(config: Config, out_dir: str | Path | None = None, resume: bool = False,
@@ -35,7 +35,11 @@ def run_training(config: Config, out_dir: str | Path | None = None, resume: bool
     if out_dir is None:
         out_dir = Path("runs") / f"{config.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     with process_group(config.train.collective_timeout_minutes) as info:
-        return train(Trainer(config, out_dir, resume=resume, progress=progress, info=info), max_steps)
+        trainer = Trainer(config, out_dir, resume=resume, progress=progress, info=info)
+        try:
+            return train(trainer, max_steps)
+        finally:
+            trainer.close()
 
 
 def train(trainer: Trainer, max_steps: int | None = None) -> dict:
@@ -80,6 +84,7 @@ def train(trainer: Trainer, max_steps: int | None = None) -> dict:
         bar.close()
         if metrics:
             metrics.close()
+    trainer.close()  # the loader's workers are done before the final grid
     if last_saved != trainer.step:
         trainer.save()
     timings = write_training_grid(trainer, out / "samples" / f"step-{trainer.step:06d}.png")
@@ -102,15 +107,34 @@ def _out_of_time(trainer: Trainer, started: float, minutes: float) -> bool:
 
 
 def write_training_grid(trainer: Trainer, path: Path) -> list[float] | None:
-    """A sample grid from the EMA weights, on the training device; returns seconds per stage (rank 0)."""
+    """A sample grid from the EMA weights on the training device. Under torchrun the rows are spread over the ranks
+    (each samples its share with seed + rank) and rank 0 writes the grid, so no rank waits on another for long.
+    Returns seconds per stage (of rank 0's share) on rank 0."""
+    from pyraflow.media import write_grid
     from pyraflow.sample import Pipeline
 
+    info, sc = trainer.info, trainer.config.sample
+    if not trainer.latent_space.can_decode:
+        if info.is_main:
+            log.warning("no sample grid at %s: the latent space cannot decode (latent.path is not set)", path.name)
+        return None
     model = trainer.ema_model()  # collective under FSDP, so every rank builds it
-    timings = None
-    if trainer.info.is_main:
-        sc = trainer.config.sample
-        pipeline = Pipeline(trainer.config, model, trainer.schedule, trainer.text_encoder, trainer.latent_space,
-                            trainer.null)
-        timings = pipeline.grid(sample_prompts(trainer), sc.per_prompt, path)
-    barrier(trainer.info)
-    return timings
+    prompts = sample_prompts(trainer)
+    rows = [p for p in prompts for _ in range(sc.per_prompt)]
+    share = rows[info.rank :: info.world_size]
+    pipeline = Pipeline(trainer.config, model, trainer.schedule, trainer.text_encoder, trainer.latent_space, trainer.null)
+    pixels, timings = pipeline.generate(share, sc.seed + info.rank) if share else (None, None)
+    if info.enabled:
+        import torch.distributed as dist
+
+        gathered = [None] * info.world_size
+        dist.gather_object(pixels, gathered if info.is_main else None, dst=0)
+        if info.is_main:
+            pixels = torch.empty(len(rows), *gathered[0].shape[1:])
+            for rank, part in enumerate(gathered):
+                if part is not None:
+                    pixels[rank :: info.world_size] = part
+    if info.is_main:
+        write_grid(pixels, path, rows=len(prompts))
+    barrier(info)
+    return timings if info.is_main else None

@@ -9,14 +9,75 @@ error per sample, averaged over samples), matching a stage mix counted in sample
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from pyraflow.config import VideoConfig
-from pyraflow.packing import PackedBatch, Sample
+from pyraflow.config import Config, VideoConfig, unit_spans
+from pyraflow.packing import PackedBatch, Sample, pack
 from pyraflow.schedule import PyramidSchedule
 from pyraflow.video import history_parts
 
 Caption = tuple[torch.Tensor, torch.Tensor]  # (token states (L, D), pooled (D_pooled,))
+
+
+def batch_generator(seed: int, rank: int, index: int) -> torch.Generator:
+    """The random state of batch ``index`` on ``rank``: a pure function of the three (counter-based), so any
+    process that builds the batch draws the same noise, r, caption dropout and image swaps, a resume needs no
+    saved generator, and ranks draw differently."""
+    high, low = np.random.SeedSequence([seed, rank, index]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(high) << 32 | int(low))
+
+
+class ExampleBuilder:
+    """Turns one planned batch (samples and their classes) into a packed batch of examples with their targets.
+
+    Runs where the loader builds batches (a DataLoader worker, or the training process with no workers).
+    ``images``: the encoded video.image_dataset, whose images replace a share of the unit-0 examples.
+    """
+
+    def __init__(self, config: Config, schedule: PyramidSchedule, classes, null: Caption, images=None, rank: int = 0):
+        self.config, self.schedule, self.classes, self.null, self.images = config, schedule, classes, null, images
+        self.rank = rank
+
+    def __call__(self, plan, clean: torch.Tensor, captions: list[Caption]) -> tuple[PackedBatch, int]:
+        """plan: a BatchPlan (sample ids, classes, index); clean: (B, C, T, H, W); captions: one per sample."""
+        cfg = self.config
+        g = batch_generator(cfg.train.seed, self.rank, plan.index)
+        stages = torch.tensor([self.classes.stages[c] for c in plan.classes])
+
+        def dropout(captions: list[Caption]) -> tuple[list[Caption], torch.Tensor]:
+            drop = torch.rand(len(captions), generator=g) < cfg.train.text_dropout
+            return [self.null if drop[row] else c for row, c in enumerate(captions)], drop
+
+        if cfg.video_units():
+            units = torch.tensor([self.classes.units[c] for c in plan.classes])
+            captions, dropped = dropout(captions)
+            if self.images is not None:
+                self._swap_in_images(clean, units, captions, dropped, g)
+            spans = unit_spans(cfg.data.frames, cfg.video.unit_frames)
+            examples = unit_examples(self.schedule, clean, stages, units, spans, cfg.video, captions, g)
+        else:
+            noise = torch.randn(clean.shape, generator=g)
+            r = self.schedule.sample_r(len(clean), g)
+            captions, _ = dropout(captions)
+            examples = image_examples(self.schedule, clean, stages, noise, r, captions)
+        m = cfg.model
+        packed = pack(examples, self.schedule.num_stages, m.patch_size, m.in_channels, m.text_dim, m.pooled_dim)
+        return packed, packed.layout.num_visual + packed.layout.num_text
+
+    def _swap_in_images(self, clean: torch.Tensor, units: torch.Tensor, captions: list, dropped: torch.Tensor,
+                        g: torch.Generator) -> None:
+        """Give a share of the image examples (unit 0) an image and caption of video.image_dataset instead of a
+        clip's first frame, in place in ``clean`` and ``captions`` (captions stay null where dropout chose so)."""
+        pick = (units == 0) & (torch.rand(len(units), generator=g) < self.config.video.image_dataset_share)
+        rows = pick.nonzero().flatten()
+        if not len(rows):
+            return
+        chosen = torch.randint(len(self.images), (len(rows),), generator=g)
+        for row, j in zip(rows.tolist(), chosen.tolist()):
+            clean[row, :, 0] = self.images.latent(j)[:, 0]
+            if not dropped[row]:
+                captions[row] = self.images.text(j)
 
 
 def image_examples(schedule: PyramidSchedule, clean: torch.Tensor, stages: torch.Tensor, noise: torch.Tensor,

@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -28,24 +29,22 @@ class DistributedInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    enabled: bool = False  # launched by torchrun, with a process group (also with a single rank)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
 
 def init_distributed(timeout_minutes: float | None = None) -> DistributedInfo:
-    """Join the process group torchrun describes in the environment; a single process otherwise.
+    """Join the process group torchrun describes in the environment (one rank included, so DDP / FSDP2 run as they
+    would on many); a plain process otherwise.
 
     timeout_minutes: how long a collective may wait for a peer before it fails (None: torch's default)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if "WORLD_SIZE" not in os.environ:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         return DistributedInfo(device=device)
+    world = int(os.environ["WORLD_SIZE"])
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -57,7 +56,7 @@ def init_distributed(timeout_minutes: float | None = None) -> DistributedInfo:
     if not dist.is_initialized():
         timeout = None if timeout_minutes is None else datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group(backend=backend, timeout=timeout)
-    return DistributedInfo(rank, world, local, device)
+    return DistributedInfo(rank, world, local, device, enabled=True)
 
 
 @contextlib.contextmanager
@@ -75,8 +74,11 @@ def process_group(timeout_minutes: float | None = None) -> Iterator[DistributedI
         shutdown(info)
 
 
-def parallelize(model: torch.nn.Module, info: DistributedInfo, mode: str) -> torch.nn.Module:
-    """Wrap for data parallelism: ``ddp`` (replicated) or ``fsdp`` (FSDP2 fully_shard per block, then root)."""
+def parallelize(model: torch.nn.Module, info: DistributedInfo, mode: str, precision: str = "fp32") -> torch.nn.Module:
+    """Wrap for data parallelism: ``ddp`` (replicated) or ``fsdp`` (FSDP2 fully_shard per block, then the root).
+
+    Under FSDP in bf16 (as torchtitan): parameters are gathered and computed in bf16, gradients reduced in fp32, and
+    the sharded fp32 parameters stay the optimizer's master copy."""
     if not info.enabled:
         return model
     if mode == "ddp":
@@ -84,11 +86,16 @@ def parallelize(model: torch.nn.Module, info: DistributedInfo, mode: str) -> tor
 
         return DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
+            else MixedPrecisionPolicy()
+        # blocks return views (reshaped broadcasts); nothing modifies a block's output in place, which is what
+        # FSDP2 warns about on every forward
+        warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
         for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     raise ValueError(f"train.parallel={mode!r} must be 'ddp' or 'fsdp'.")
 
@@ -96,6 +103,34 @@ def parallelize(model: torch.nn.Module, info: DistributedInfo, mode: str) -> tor
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank (FSDP2 parameters are DTensors sharded across ranks)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def gather_to_main(names: list[str], tensors: list[torch.Tensor], info: DistributedInfo) -> dict[str, torch.Tensor] | None:
+    """Full copies of (possibly sharded) tensors on rank 0's CPU, None elsewhere. One tensor is gathered at a time
+    and dropped at once on the other ranks, so no rank ever holds the whole state on its device."""
+    state = {}
+    for name, t in zip(names, tensors):
+        full = full_tensor(t)  # a collective for sharded tensors: every rank takes part
+        if info.is_main:
+            state[name] = full.detach().cpu()
+        del full
+    return state if info.is_main else None
+
+
+@torch.no_grad()
+def load_from_main(names: list[str], targets: list[torch.Tensor], full: dict[str, torch.Tensor] | None,
+                   info: DistributedInfo) -> None:
+    """Copy full tensors into (possibly sharded) targets. Sharded targets take their shard of rank 0's tensor
+    (other ranks pass None); replicated targets copy the full tensor they read themselves."""
+    for name, target in zip(names, targets):
+        if hasattr(target, "full_tensor"):
+            from torch.distributed.tensor import distribute_tensor
+
+            source = full[name] if info.is_main else torch.empty(target.shape)
+            target.copy_(distribute_tensor(source.to(target.device, target.dtype), target.device_mesh, target.placements,
+                                           src_data_rank=0))
+        else:
+            target.copy_(full[name])
 
 
 def barrier(info: DistributedInfo) -> None:

@@ -1,14 +1,17 @@
-"""The Trainer: model, optimizer, EMA, batcher and random state of a run, one optimizer step at a time, and
-their checkpoint.
+"""The Trainer: model, optimizer, EMA, batcher and loader of a run, one optimizer step at a time, and their
+checkpoint.
 
-One step: the TokenBudgetBatcher picks samples and their classes -> the objective builds examples with their
-targets -> pack -> model -> flow-matching loss -> backward (over train.grad_accum batches) -> clip, AdamW, EMA.
+One step: the loader hands over batches planned by the TokenBudgetBatcher and built by the objective (examples
+with their targets, packed) -> model -> flow-matching loss -> backward (over train.grad_accum batches) -> clip,
+AdamW, EMA. Random draws are counter-based (pyraflow.train.objective.batch_generator), so the state to save is
+the weights, the optimizer, the mix and the batcher's position after the last consumed batch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -16,16 +19,17 @@ from pathlib import Path
 import torch
 
 from pyraflow.batching import TokenBudgetBatcher, example_classes
-from pyraflow.config import Config, load_config, to_yaml, unit_spans
-from pyraflow.model import MultiStageMMDiT
-from pyraflow.packing import pack
-from pyraflow.schedule import PyramidSchedule
 from pyraflow.checkpoint import load_tensors, load_trainer_state, resolve_checkpoint, save_tensors, write_checkpoint
-from pyraflow.train.objective import flow_matching_loss, image_examples, unit_examples
+from pyraflow.config import Config, load_config, to_yaml
+from pyraflow.data.loader import prefetch_depth, training_loader
+from pyraflow.model import MultiStageMMDiT
+from pyraflow.schedule import PyramidSchedule
+from pyraflow.train.objective import ExampleBuilder, flow_matching_loss
 from pyraflow.train.optim import lr_factor, make_optimizer, resolve_precision
-from pyraflow.train.parallelize import DistributedInfo, barrier, full_tensor, init_distributed, parallelize
+from pyraflow.train.parallelize import (DistributedInfo, barrier, full_tensor, gather_to_main, init_distributed,
+                                        load_from_main, parallelize)
 
-RANK_SEED_STRIDE = 7919  # a prime: generator seeds seed * stride + rank never collide across ranks and seeds
+log = logging.getLogger("pyraflow.train")
 
 
 class TrainingStopped(RuntimeError):
@@ -33,7 +37,8 @@ class TrainingStopped(RuntimeError):
 
 
 def load_run_data(config: Config, text_encoder, latent_space, info: DistributedInfo, progress: bool):
-    """Encoded training data: from the cache in data.cache (built first if absent) or encoded in memory."""
+    """Encoded training data: the prepared cache in data.cache (built first if absent), read row by row; or,
+    without a cache, the dataset encoded in memory."""
     from pyraflow.data import encode_dataset, load_cache, prepare
 
     if config.data.cache:
@@ -41,7 +46,11 @@ def load_run_data(config: Config, text_encoder, latent_space, info: DistributedI
         if info.is_main and not (cache / "complete.json").is_file():
             prepare(config.data, cache, text_encoder, latent_space, progress)
         barrier(info)
-        return load_cache(cache, config.data, text_encoder.identity, latent_space.identity, config.latent_shape())
+        data = load_cache(cache, config.data, text_encoder.identity, latent_space.identity, config.latent_shape())
+        if data.bad_shards and info.is_main:
+            log.warning("training without %d unreadable shard(s) of %s (%d samples)", len(data.bad_shards), cache,
+                        data.skipped_samples)
+        return data
     return encode_dataset(config.data, text_encoder, latent_space, progress=progress and info.is_main)
 
 
@@ -71,24 +80,32 @@ class Trainer:
             image_data, self.text_encoder, self.latent_space, progress=self.progress)
         self.null = self.text_encoder.null()
         self.schedule = PyramidSchedule(config.schedule)
+        # a resume computes in the precision its run recorded, whatever the device would choose now
+        self.precision = self._recorded_precision() if resume else resolve_precision(tc.precision, info.device)
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.model = MultiStageMMDiT(config.model).to(info.device)
-        self.precision = resolve_precision(tc.precision, info.device)
-        self.wrapped = parallelize(self.model, info, tc.parallel)
+        self.wrapped = parallelize(self.model, info, tc.parallel, self.precision)
         # the unwrapped model's names (DDP shares these parameters; FSDP2 shards them in place)
         self.names, self.params = map(list, zip(*self.model.named_parameters()))
         self.ema = [p.detach().clone().float() for p in self.params]
-        self.optimizer = make_optimizer(self.params, tc.lr, tc.weight_decay, info.enabled and tc.parallel == "fsdp")
+        self.optimizer = make_optimizer(self.params, tc.lr, tc.weight_decay, self.sharded)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(tc, s))
         self.classes = example_classes(config)
         self.mix = self.classes.mix
+        self._check_mix_delay()
         self.batcher = TokenBudgetBatcher(config.batching, self.classes.segment_tokens, self.mix, len(self.data),
                                           info.rank, info.world_size, self.classes.names())
-        self.generator = torch.Generator().manual_seed(tc.seed * RANK_SEED_STRIDE + info.rank)
+        self.builder = ExampleBuilder(config, self.schedule, self.classes, self.null.item(0), self.images, info.rank)
+        self.position = self.batcher.state_dict()  # the batcher's state after the last consumed batch
+        self._batches = None  # the loader's iterator, started by the first step (after a resume has loaded state)
         self.step = 0
         self.bad_steps = self.consecutive_bad = 0
         if resume:
             self._resume()
+
+    @property
+    def sharded(self) -> bool:
+        return self.info.enabled and self.config.train.parallel == "fsdp"
 
     # ----- set-up checks ---------------------------------------------------------------------------
     def _check_out_dir(self, resume: bool) -> None:
@@ -108,52 +125,37 @@ class Trainer:
                 f"and model.pooled_dim={enc.pooled_width}."
             )
 
+    def _check_mix_delay(self) -> None:
+        """An adaptive mix's updates apply adaptive_every batches late; the loader must not plan further ahead."""
+        d, mix = self.config.data, self.config.batching.mix
+        ahead = prefetch_depth(d.workers, d.prefetch) + 1
+        if mix.kind == "adaptive" and mix.adaptive_every <= ahead:
+            raise ValueError(
+                f"batching.mix.adaptive_every={mix.adaptive_every} must exceed the {ahead} batches the loader plans ahead "
+                f"(data.workers={d.workers} x data.prefetch={d.prefetch}, + 1); raise it or lower data.workers/prefetch."
+            )
+
     # ----- one step ---------------------------------------------------------------------------------
-    def _micro_batch(self):
-        """One token-budget batch -> (packed examples with their targets, on the device; token count)."""
-        batch = self.batcher.next_batch()
-        ids = torch.tensor(batch.sample_ids)
-        stages = torch.tensor([self.classes.stages[c] for c in batch.classes])
-        clean = self.data.latents[ids]
-        g = self.generator
-        null = self.null.item(0)
+    def _loader(self):
+        d = self.config.data
+        return training_loader(self.data, self.batcher, self.builder, d.workers, d.prefetch,
+                               pin_memory=self.info.device.type == "cuda")
 
-        def captions() -> tuple[list, torch.Tensor]:
-            """(caption per example, which examples dropped their caption for the null one)."""
-            drop = torch.rand(len(ids), generator=g) < self.config.train.text_dropout
-            return [null if drop[row] else self.data.text(i) for row, i in enumerate(batch.sample_ids)], drop
+    def _next_batch(self):
+        """The next built batch, on the device, and the seconds the step waited for it."""
+        if self._batches is None:
+            self._batches = iter(self._loader())
+        start = time.perf_counter()
+        loaded = next(self._batches)
+        waited = time.perf_counter() - start
+        self.position = loaded.state
+        return loaded.batch.to(self.info.device, non_blocking=True), loaded.tokens, waited
 
-        if self.config.video_units():
-            units = torch.tensor([self.classes.units[c] for c in batch.classes])
-            spans = unit_spans(self.config.data.frames, self.config.video.unit_frames)
-            texts, drop = captions()
-            if self.images is not None:
-                self._swap_in_images(clean, units, texts, drop)
-            examples = unit_examples(self.schedule, clean, stages, units, spans, self.config.video, texts, g)
-        else:
-            noise = torch.randn(clean.shape, generator=g)
-            r = self.schedule.sample_r(len(ids), g)
-            texts, _ = captions()
-            examples = image_examples(self.schedule, clean, stages, noise, r, texts)
-        m = self.config.model
-        packed = pack(examples, self.schedule.num_stages, m.patch_size, m.in_channels, m.text_dim, m.pooled_dim)
-        tokens = packed.layout.num_visual + packed.layout.num_text
-        return packed.to(self.info.device), tokens
-
-    def _swap_in_images(self, clean: torch.Tensor, units: torch.Tensor, texts: list, dropped: torch.Tensor) -> None:
-        """Give a share of the image examples (unit 0) an image and caption of video.image_dataset instead of a
-        clip's first frame, in place in ``clean`` (the batch's own gathered copy) and ``texts`` (captions stay
-        null where text dropout chose so)."""
-        g = self.generator
-        pick = (units == 0) & (torch.rand(len(units), generator=g) < self.config.video.image_dataset_share)
-        rows = pick.nonzero().flatten()
-        if not len(rows):
-            return
-        chosen = torch.randint(len(self.images), (len(rows),), generator=g)
-        clean[rows, :, 0] = self.images.latents[chosen, :, 0]
-        for row, j in zip(rows.tolist(), chosen.tolist()):
-            if not dropped[row]:
-                texts[row] = self.images.text(j)
+    def close(self) -> None:
+        """Stop the loader's workers (the loop calls this however the run ends)."""
+        if self._batches is not None and hasattr(self._batches, "_shutdown_workers"):
+            self._batches._shutdown_workers()
+        self._batches = None
 
     def _loss(self, packed):
         with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
@@ -166,9 +168,9 @@ class Trainer:
         start = time.perf_counter()
         stage_sum = torch.zeros(self.schedule.num_stages)
         stage_count = torch.zeros(self.schedule.num_stages)
-        total_loss, tokens = 0.0, 0
+        total_loss, tokens, waited = 0.0, 0, 0.0
         for micro in range(tc.grad_accum):
-            packed, n_tokens = self._micro_batch()
+            packed, n_tokens, wait = self._next_batch()
             sync = micro == tc.grad_accum - 1 or not hasattr(self.wrapped, "no_sync")
             context = self.wrapped.no_sync() if not sync else contextlib.nullcontext()
             with context:
@@ -176,6 +178,7 @@ class Trainer:
                 (loss / tc.grad_accum).backward()
             total_loss += loss.item() / tc.grad_accum
             tokens += n_tokens
+            waited += wait
             stage_sum.index_add_(0, stages, per_sample.cpu())
             stage_count.index_add_(0, stages, torch.ones(len(stages)))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
@@ -201,7 +204,7 @@ class Trainer:
         self.step += 1
         stage_loss = {k: float(stage_sum[k] / stage_count[k]) for k in range(len(stage_sum)) if stage_count[k] > 0}
         if hasattr(self.mix, "observe"):
-            self.mix.observe(self.step, stage_loss)
+            self.mix.observe(self.step * tc.grad_accum, stage_loss)  # in batches, as the batcher counts them
         elapsed = time.perf_counter() - start
         return {
             "step": self.step,
@@ -213,6 +216,7 @@ class Trainer:
             "tokens": tokens * self.info.world_size,
             "tokens_per_s": tokens * self.info.world_size / elapsed,
             "seconds": elapsed,
+            "data_wait_seconds": waited,
             "skipped": not finite,
             "bad_steps": self.bad_steps,
         }
@@ -225,9 +229,6 @@ class Trainer:
         torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1.0 - decay)
 
     # ----- state ------------------------------------------------------------------------------------
-    def _full_state(self, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: full_tensor(t).detach().cpu() for name, t in zip(self.names, tensors)}
-
     def _optimizer_state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -235,11 +236,13 @@ class Trainer:
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def save(self) -> Path | None:
+        """Write a checkpoint: every rank takes part in gathering sharded state, rank 0 alone holds the full state
+        (on the CPU, one tensor at a time) and writes it."""
         from pyraflow.text import save_null
 
-        model_state = self._full_state(self.params)
-        ema_state = self._full_state(self.ema)
-        optimizer_state = self._optimizer_state()  # collective under FSDP: every rank takes part
+        model_state = gather_to_main(self.names, self.params, self.info)
+        ema_state = gather_to_main(self.names, self.ema, self.info)
+        optimizer_state = self._optimizer_state()
         if not self.info.is_main:
             return None
 
@@ -249,13 +252,12 @@ class Trainer:
             save_tensors(ema_state, directory / "ema.safetensors")
             save_null(self.null, directory / "null_text.safetensors")
             (directory / "run.yaml").write_text(to_yaml(self.config))
+            torch.save(optimizer_state, directory / "optimizer.pt")
             torch.save({
                 "step": self.step,
-                "optimizer": optimizer_state,
                 "lr_schedule": self.lr_schedule.state_dict(),
-                "batcher": self.batcher.state_dict(),
-                "generator": self.generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
+                "batcher": self.position,
+                "mix": self.mix.state_dict() if hasattr(self.mix, "state_dict") else None,
                 "bad_steps": self.bad_steps,
                 "consecutive_bad": self.consecutive_bad,
                 "precision": self.precision,
@@ -263,6 +265,9 @@ class Trainer:
             }, directory / "trainer.pt")
 
         return write_checkpoint(self.out, self.step, writer, self.config.train.keep_checkpoints)
+
+    def _recorded_precision(self) -> str:
+        return load_trainer_state(resolve_checkpoint(self.out))["precision"]
 
     def _resume(self) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -278,33 +283,27 @@ class Trainer:
         state = load_trainer_state(path)
         if state["world_size"] != self.info.world_size:
             raise ValueError(f"{path} was written by {state['world_size']} rank(s); resume with the same number.")
-        model_state, ema_state = load_tensors(path / "model.safetensors"), load_tensors(path / "ema.safetensors")
-        with torch.no_grad():
-            for name, p, e in zip(self.names, self.params, self.ema):
-                _copy_into(p, model_state[name])
-                _copy_into(e, ema_state[name])
-        set_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        if "batcher" not in state or "mix" not in state:
+            raise ValueError(f"{path} was written by an older pyraflow (before counter-based random state); it cannot "
+                             "resume exactly: start a new run, or sample from it as it is.")
+        # sharded runs read the full state on rank 0 alone and scatter it; replicas read it everywhere
+        reads = self.info.is_main or not self.sharded
+        for name, targets in (("model.safetensors", self.params), ("ema.safetensors", self.ema)):
+            full = load_tensors(path / name) if reads else None
+            load_from_main(self.names, targets, full, self.info)
+        optimizer = load_trainer_state(path, "optimizer.pt") if reads else {}
+        set_optimizer_state_dict(self.wrapped, self.optimizer, optimizer, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=self.sharded))
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.batcher.load_state_dict(state["batcher"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        self.position = state["batcher"]
+        if state["mix"] is not None:
+            self.mix.load_state_dict(state["mix"])
         self.step = state["step"]
         self.bad_steps, self.consecutive_bad = state["bad_steps"], state["consecutive_bad"]
-        self.precision = state["precision"]
 
     def ema_model(self) -> MultiStageMMDiT:
-        """The EMA weights as a plain model on the training device (collective under FSDP: every rank calls it)."""
+        """The EMA weights as a plain model on the training device, on every rank (a collective under FSDP)."""
         model = MultiStageMMDiT(self.config.model)
-        model.load_state_dict(self._full_state(self.ema))
+        model.load_state_dict({name: full_tensor(t).detach() for name, t in zip(self.names, self.ema)})
         return model.to(self.info.device).eval()
-
-
-def _copy_into(target: torch.Tensor, full: torch.Tensor) -> None:
-    """Load a full tensor into a parameter that may be an FSDP2 shard."""
-    if hasattr(target, "full_tensor"):
-        from torch.distributed.tensor import distribute_tensor
-
-        target.copy_(distribute_tensor(full.to(target.dtype), target.device_mesh, target.placements))
-    else:
-        target.copy_(full)
