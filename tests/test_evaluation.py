@@ -29,3 +29,16 @@ def test_motion_statistics_of_known_videos():
     assert motion_statistics(ramp)["consecutive_frame_change"] == pytest.approx(0.1, rel=1e-5)
     two = torch.stack([torch.zeros(1, 5, 4, 4), torch.ones(1, 5, 4, 4)])  # two still videos, 1 apart
     assert motion_statistics(two) == pytest.approx({"consecutive_frame_change": 0.0, "unrelated_frame_change": 1.0})
+
+
+def test_high_frequency_energy_sees_speckle_not_smooth_shapes():
+    import torch
+
+    from pyraflow.evaluation import high_frequency_energy
+
+    flat = torch.full((2, 1, 16, 16), -1.0)
+    assert high_frequency_energy(flat) == 0.0
+    ramp = torch.linspace(-1, 1, 16).repeat(2, 1, 16, 1)  # a smooth gradient: only its border differs from its blur
+    speckled = flat.clone()
+    speckled[:, :, ::3, ::3] = 1.0
+    assert high_frequency_energy(speckled) > 20 * high_frequency_energy(ramp) > 0

@@ -98,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--json", action="store_true", help="print JSON only")
     evaluate.add_argument("--device", metavar="DEVICE", help="where to sample: cpu, cuda, ... (default: cuda when present)")
+    evaluate.add_argument("--solver", choices=("euler", "heun"), help="ODE step per stage (default: the run's)")
+    evaluate.add_argument("--raw", action="store_true", help="score the raw weights instead of the EMA")
+    evaluate.add_argument("--stages", metavar="FILE.png",
+                          help="also measure high-frequency energy at every stage's end and write a grid of the stages")
+
+    serve = commands.add_parser("serve", help="a page in the browser to sample from a run (Gradio)")
+    serve.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory or checkpoints/step-N")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    serve.add_argument("--port", type=_positive_int, default=7860, help="port (default 7860)")
+    serve.add_argument("--device", metavar="DEVICE", help="where to sample (default: cuda when present)")
 
     bench = commands.add_parser("bench", help="time training steps of the attention backends (JSON keys in BENCHMARKS.md)")
     bench.add_argument("--steps", type=_positive_int, default=10, help="timed steps per variant (default 10)")
@@ -214,11 +225,17 @@ def main(argv: list[str] | None = None) -> int:
             return _prepare(args)
         elif args.command == "sample":
             return _sample(args)
+        elif args.command == "serve":
+            from pyraflow.serve import serve
+
+            print(f"pyraflow serve: loading {args.checkpoint} ...", flush=True)
+            serve(args.checkpoint, args.host, args.port, _device(args.device))
         elif args.command == "eval":
             from pyraflow.evaluation import evaluate
 
             result = evaluate(args.checkpoint, args.num, args.seed, args.steps, args.guidance, progress=not args.json,
-                              device=_device(args.device))
+                              device=_device(args.device), solver=args.solver, use_ema=not args.raw,
+                              stages=args.stages)
             if args.json:
                 print(json.dumps(result, indent=2))
             else:
@@ -227,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
                 if "digit_accuracy" in result:
                     print(f"digit accuracy: {100 * result['digit_accuracy']:.1f}% (classifier on held-out digits: "
                           f"{100 * result['classifier_heldout_accuracy']:.1f}%)")
+                hf = result["hf_energy"]
+                print(f"high-frequency energy: generated {hf['generated']:.4f}, real {hf['real']:.4f}")
+                for st in result.get("stages", []):
+                    print(f"  end of stage {st['stage']}: high-frequency energy {st['hf_energy_generated']:.4f} "
+                          f"(expected {st['hf_energy_expected']:.4f})")
         elif args.command == "bench":
             from pyraflow.bench.speed import format_bench, run_bench
 

@@ -139,6 +139,46 @@ def digit_classifier(config, cache: Path | None = None) -> tuple[DigitClassifier
     return model, accuracy
 
 
+def high_frequency_energy(images: torch.Tensor) -> float:
+    """Mean squared difference between images (B, C, H, W) in [-1, 1] and their 3x3 box blur: the energy above about
+    a third of the Nyquist frequency, where pixel speckle lives (a clean digit keeps only its edges there)."""
+    x = images.float().flatten(0, -3).unsqueeze(1)  # (B * C, 1, H, W)
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return float((x - blurred).square().mean())
+
+
+def stage_report(pipeline, prompts: list[str], seed: int, real: torch.Tensor, steps: list[int] | None = None,
+                 guidance: float | None = None, solver: str | None = None, grid_path: Path | None = None) -> list[dict]:
+    """Where speckle appears along the cascade: high-frequency energy of the latents at the end of every stage,
+    against what the schedule says should be there (real images at that stage's resolution, plus the stage's end
+    noise e_k times fresh Gaussian noise). ``grid_path``: a PNG with one row per prompt, one column per stage end
+    (upsampled to full size), for looking."""
+    from pyraflow.media import to_grid_image, write_image
+    from pyraflow.schedule import upsample_nearest
+
+    ends: list[torch.Tensor] = []
+    pixels, _ = pipeline.generate(prompts, seed, steps, guidance, solver, lambda k, x: ends.append(x.detach().cpu()))
+    schedule = pipeline.schedule
+    levels = schedule.data_pyramid(real[:, :, None])  # (N, C, 1, h, w) per stage
+    g = torch.Generator().manual_seed(seed)
+    report = []
+    for k, (end, level) in enumerate(zip(ends, levels)):
+        e = schedule.stages[k].sigma_end
+        expected = (1 - e) * level + e * torch.randn(level.shape, generator=g)
+        report.append({"stage": k, "sigma_end": e, "hf_energy_generated": high_frequency_energy(end[:, :, 0]),
+                       "hf_energy_expected": high_frequency_energy(expected[:, :, 0])})
+    if grid_path is not None:
+        columns = []
+        for end in ends:
+            for _ in range(schedule.num_stages - 1 - len(columns)):
+                end = upsample_nearest(end)
+            columns.append(pipeline.latent_space.decode(end).clamp(-1, 1)[:, :, 0])
+        columns.append(pixels[:, :, 0])
+        cells = torch.stack(columns, dim=1).flatten(0, 1)  # prompt-major: each row a prompt's stages left to right
+        write_image(to_grid_image(cells, rows=len(prompts)), grid_path)
+    return report
+
+
 def motion_statistics(videos: torch.Tensor) -> dict:
     """How much frames change over time in (B, C, T, H, W) videos: consecutive frames against unrelated ones.
 
@@ -151,18 +191,19 @@ def motion_statistics(videos: torch.Tensor) -> dict:
 
 def evaluate(checkpoint: str | Path, num: int = 200, seed: int = 0, steps: int | None = None,
              guidance: float | None = None, batch: int = 100, progress: bool = True,
-             device: torch.device | str | None = None) -> dict:
+             device: torch.device | str | None = None, solver: str | None = None, use_ema: bool = True,
+             stages: Path | None = None) -> dict:
     """Sample ``num`` images (spread evenly over the ten digits for mnist) on ``device`` (default: CUDA when present)
     and score them; for videos, FID is on first frames and ``motion`` compares frame-to-frame change with real
-    clips."""
+    clips. ``stages``: also diagnose the cascade (``stage_report``), writing its per-stage grid there."""
     from tqdm import tqdm
 
     from pyraflow.data import caption_for_digit, encode_dataset
     from pyraflow.sample import load_pipeline
     from pyraflow.checkpoint import SAMPLING, resolve_checkpoint
 
-    path = resolve_checkpoint(checkpoint, SAMPLING)
-    pipeline = load_pipeline(path, device)
+    path = resolve_checkpoint(checkpoint, SAMPLING + (() if use_ema else ("model.safetensors",)))
+    pipeline = load_pipeline(path, device, use_ema=use_ema)
     config = pipeline.config
     is_mnist = config.data.dataset == "mnist"
     if is_mnist:
@@ -175,7 +216,8 @@ def evaluate(checkpoint: str | Path, num: int = 200, seed: int = 0, steps: int |
     started = time.perf_counter()
     chunks = []
     for i in tqdm(range(0, num, batch), desc="sampling for eval", disable=not progress):
-        pixels, _ = pipeline.generate(prompts[i : i + batch], seed=seed + i, steps=step_list, guidance=guidance)
+        pixels, _ = pipeline.generate(prompts[i : i + batch], seed=seed + i, steps=step_list, guidance=guidance,
+                                      solver=solver)
         chunks.append(pixels)
     videos = torch.cat(chunks)
     samples = videos[:, :, 0]
@@ -193,11 +235,16 @@ def evaluate(checkpoint: str | Path, num: int = 200, seed: int = 0, steps: int |
         "seed": seed,
         "guidance": config.sample.guidance if guidance is None else guidance,
         "steps_per_stage": step_list or config.sample.steps_per_stage(pipeline.schedule.num_stages),
+        "solver": solver or config.sample.solver,
+        "weights": "ema" if use_ema else "raw",
         "fid_efficientnet_lite0": frechet_distance(efficientnet_features(samples, network),
                                                    efficientnet_features(real, network)),
         "fid_reference": reference,
+        "hf_energy": {"generated": high_frequency_energy(samples), "real": high_frequency_energy(real)},
         "sample_seconds": sample_seconds,
     }
+    if stages is not None and videos.shape[2] == 1:
+        result["stages"] = stage_report(pipeline, prompts[:20], seed, real, step_list, guidance, solver, Path(stages))
     if videos.shape[2] > 1:
         real_videos = pipeline.latent_space.decode(data.latents).clamp(-1, 1)
         result["motion"] = {

@@ -155,3 +155,29 @@ def test_uncorrelated_block_noise_fails_the_stage_checks(monkeypatch):
     targets = torch.randn(24, 2, 1, 32, 32, generator=torch.Generator().manual_seed(3))
     with pytest.raises(AssertionError, match="correlated"):
         check_stages(schedule, targets, *stage_states(schedule, targets, [2, 3, 2], seed=4))
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_both_solvers_land_on_the_data_with_the_exact_velocity(solver):
+    schedule = PyramidSchedule(ScheduleConfig(stages=3))
+    targets = torch.randn(2, 2, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    oracle = PointMassOracle(schedule, targets)
+    latents, _ = sample_pyramid(oracle, schedule, captions(2), captions(1, null=True), (2, 1, 16, 16), [3, 3, 3],
+                                guidance=1.0, generator=torch.Generator().manual_seed(6), solver=solver)
+    torch.testing.assert_close(latents, targets, rtol=0, atol=1e-4)
+    assert oracle.calls == (9 if solver == "euler" else 9 + 6)  # heun: a second call on every step but the last
+
+
+def test_heun_is_second_order_where_euler_is_first():
+    """dx/dr = x from r = 1 to 0 ends at x(1) / e; halving the step size divides the error by 2^order."""
+    import math
+
+    from pyraflow.sample.sampler import integrate
+
+    for solver, order in (("euler", 1), ("heun", 2)):
+        errors = [abs(float(integrate(lambda x, r: x, torch.ones(1, dtype=torch.float64),
+                                      torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64), solver)) - math.exp(-1))
+                  for n in (20, 40)]
+        assert errors[0] / errors[1] == pytest.approx(2**order, rel=0.1)
+    with pytest.raises(ValueError, match="solver 'rk4' is unknown"):
+        integrate(lambda x, r: x, torch.ones(1), torch.linspace(1, 0, 3), "rk4")

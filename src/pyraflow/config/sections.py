@@ -506,6 +506,8 @@ class SampleConfig:
     """Euler steps per stage: one number for every stage, or one per stage."""
     guidance: float = 3.0
     """Classifier-free guidance scale (1 = no guidance)."""
+    solver: str = "euler"
+    """ODE step inside each stage: ``euler`` (one model call per step) or ``heun`` (two; second order)."""
     prompts: list[str] = field(default_factory=list)
     """Prompts for the grids written during training; empty means the dataset's own (the ten digits for mnist)."""
     per_prompt: int = 8
@@ -518,6 +520,7 @@ class SampleConfig:
             raise ValueError(f"sample.steps={self.steps!r} must be a positive integer or a list of them (one per stage).")
         if self.guidance < 0:
             raise ValueError(f"sample.guidance={self.guidance} must be >= 0.")
+        check_choice("sample.solver", self.solver, ("euler", "heun"))
         check_integer("sample.per_prompt", self.per_prompt)
 
     def steps_per_stage(self, num_stages: int) -> list[int]:

@@ -40,10 +40,12 @@ class Pipeline:
         return self.latent_space.decode(latents).clamp(-1, 1).cpu()
 
     def generate(self, prompts: list[str], seed: int = 0, steps: list[int] | None = None,
-                 guidance: float | None = None) -> tuple[torch.Tensor, list[float]]:
+                 guidance: float | None = None, solver: str | None = None,
+                 on_stage_end=None) -> tuple[torch.Tensor, list[float]]:
         """One sample per prompt -> (pixels (B, C, T, H, W) in [-1, 1], seconds per stage). Same seed, same pixels.
 
         Runs trained on video units generate their clip length autoregressively (seconds are then per unit).
+        on_stage_end(k, latents): sees the latents at the end of each stage (images only).
         """
         if self.config.video_units():
             return self.video(prompts, self.config.data.frames, seed, steps=steps, guidance=guidance)
@@ -51,7 +53,8 @@ class Pipeline:
         text = self.text_encoder.encode(list(prompts))
         latents, timings = sample_pyramid(self.model, self.schedule, text, self.null, self.config.latent_shape(),
                                           steps or sc.steps_per_stage(self.schedule.num_stages),
-                                          sc.guidance if guidance is None else guidance, self._generator(seed))
+                                          sc.guidance if guidance is None else guidance, self._generator(seed),
+                                          solver or sc.solver, on_stage_end)
         return self._decode(latents), timings
 
     def max_frames(self) -> int:
@@ -59,7 +62,7 @@ class Pipeline:
 
     def video(self, prompts: list[str], frames: int, seed: int = 0, image: torch.Tensor | None = None,
               steps: list[int] | None = None, guidance: float | None = None, allow_longer: bool = False,
-              use_cache: bool | None = None) -> tuple[torch.Tensor, list[float]]:
+              use_cache: bool | None = None, on_stage_end=None) -> tuple[torch.Tensor, list[float]]:
         """``frames`` frames per prompt, unit by unit -> (pixels (B, C, frames, H, W) in [-1, 1], seconds per unit).
 
         image: (C, H, W) pixels in [-1, 1] used as the first frame of every video (image-to-video).
@@ -99,7 +102,8 @@ class Pipeline:
             self.model, self.schedule, text, self.null, (c, total, h, w), vc.unit_frames,
             steps or sc.steps_per_stage(self.schedule.num_stages), sc.guidance if guidance is None else guidance,
             self._generator(seed), first_frame=first, use_cache=vc.cache if use_cache is None else use_cache,
-            max_history_units=history, history_noise=vc.sample_history_noise)
+            max_history_units=history, history_noise=vc.sample_history_noise, solver=sc.solver,
+            on_stage_end=on_stage_end)
         pixels = self._decode(latents[:, :, :frames])
         if image is not None:
             pixels[:, :, 0] = image  # the given frame exactly, not its round trip through the latent space

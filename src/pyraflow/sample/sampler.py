@@ -31,6 +31,28 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+SOLVERS = ("euler", "heun")
+
+
+def integrate(velocity, x: torch.Tensor, grid: torch.Tensor, solver: str = "euler") -> torch.Tensor:
+    """Integrate dx/dr = velocity(x, r) over the grid of r values (1 -> 0) of one stage.
+
+    euler: x <- x + (r_next - r) v(x, r), one model call per step. heun: the Euler step's end point is corrected
+    with the velocity there (the trapezoid of the two), two calls per step; the step that lands on r = 0 stays an
+    Euler step (the velocity at the data end is where the model is least informed)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver {solver!r} is unknown; use one of {', '.join(SOLVERS)}.")
+    for i in range(len(grid) - 1):
+        r, r_next = grid[i], grid[i + 1]
+        dt = (r_next - r).float()
+        v = velocity(x, r)
+        if solver == "heun" and float(r_next) > 0:
+            guess = x + dt * v
+            v = 0.5 * (v + velocity(guess, r_next))
+        x = x + dt * v
+    return x
+
+
 @torch.no_grad()
 def sample_pyramid(
     model: MultiStageMMDiT,
@@ -41,6 +63,8 @@ def sample_pyramid(
     steps: list[int],
     guidance: float = 3.0,
     generator: torch.Generator | None = None,
+    solver: str = "euler",
+    on_stage_end=None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Generate one latent per caption in ``text``, on the model's device.
 
@@ -51,7 +75,8 @@ def sample_pyramid(
     ``generator`` must live on the model's device.
     """
     noise = torch.randn((len(text), *latent_shape), generator=generator, device=model_device(model))
-    return denoise_cascade(model, schedule, noise, text, null, steps, guidance, generator)
+    return denoise_cascade(model, schedule, noise, text, null, steps, guidance, generator, solver=solver,
+                           on_stage_end=on_stage_end)
 
 
 def denoise_cascade(
@@ -67,13 +92,15 @@ def denoise_cascade(
     unit: int | None = None,
     first_frame: int = 0,
     use_cache: bool = False,
+    solver: str = "euler",
+    on_stage_end=None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Run one latent (per caption) through every stage: noise (B, C, T, H, W) at full resolution, on the model's
     device -> latents on that device.
 
     history(k, row) -> list of HistoryPart of caption ``row``, for a video unit predicted at stage k; with
     ``use_cache`` the text and history are run once per stage (MultiStageMMDiT.prefix_cache) instead of at
-    every step.
+    every step. solver: ``euler`` or ``heun`` (see ``integrate``). on_stage_end(k, x) sees each stage's end state.
     """
     model.eval()
     device = noise.device
@@ -105,18 +132,23 @@ def denoise_cascade(
         _, runs = torch.unique_consecutive(batch.layout.run_segment, return_counts=True)
         last_run = (runs.cumsum(0) - 1).to(device)  # the predicted latent's run in each segment
         with_history = batch.predicted.numel() != batch.visual.shape[0]
-        for i in range(steps[k]):
-            t = schedule.timestep(torch.tensor([k]), grid[i].float().reshape(1))[0]
+
+        def velocity(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            """The (guided) velocity at local coordinate r of stage k, for every caption: (n, C, T, H, W)."""
             batch.visual[batch.predicted] = patchify(x, p).index_select(0, rows).flatten(0, 1)
-            batch.timestep[last_run] = float(t)
+            batch.timestep[last_run] = float(schedule.timestep(torch.tensor([k]), r.float().reshape(1))[0])
             out = model(batch, context, prefix=cache)
             if with_history:
                 out = out.index_select(0, batch.predicted)
-            velocity = unpack_stacked(out.float(), batch.layout)  # (rows, C, T, H, W) in caption order
+            v = unpack_stacked(out.float(), batch.layout)  # (rows, C, T, H, W) in caption order
             if guided:
-                v_cond, v_null = velocity[:n], velocity[n:]
-                velocity = v_null + guidance * (v_cond - v_null)
-            x = x + (grid[i + 1] - grid[i]).float() * velocity
+                v_cond, v_null = v[:n], v[n:]
+                v = v_null + guidance * (v_cond - v_null)
+            return v
+
+        x = integrate(velocity, x, grid, solver)
+        if on_stage_end is not None:
+            on_stage_end(k, x)
         _synchronize(device)
         timings.append(time.perf_counter() - start)
     return x, timings
@@ -137,13 +169,16 @@ def sample_video(
     use_cache: bool = True,
     max_history_units: int | None = None,
     history_noise: float = 0.0,
+    solver: str = "euler",
+    on_stage_end=None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Autoregressive video: unit by unit, each through the whole stage cascade, conditioned on the
     compressed history of the units generated so far.
 
     latent_shape: (C, T, H, W) with T = 1 + U * unit_frames. first_frame: (B, C, 1, H, W) latents to start from
     (image-to-video) instead of generating unit 0. Returns (latents (B, C, T, H, W) on the model's device,
-    seconds per unit). ``generator`` must live on the model's device.
+    seconds per unit). ``generator`` must live on the model's device. on_stage_end(k, x): after every stage of
+    every unit.
     """
     device = model_device(model)
     c, frames, h, w = latent_shape
@@ -168,6 +203,7 @@ def sample_video(
                                  schedule.config.num_timesteps)
 
         video[:, :, first : first + count], _ = denoise_cascade(
-            model, schedule, noise, text, null, steps, guidance, generator, history, u, first, use_cache)
+            model, schedule, noise, text, null, steps, guidance, generator, history, u, first, use_cache, solver,
+            on_stage_end)
         timings.append(time.perf_counter() - start)
     return video, timings
