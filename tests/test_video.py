@@ -301,7 +301,7 @@ def test_an_image_dataset_trains_beside_the_clips_as_unit_0(tmp_path, monkeypatc
         planned = trainer.batcher.next_batch()
         seen.append(planned)
         plan = BatchPlan(planned.sample_ids, planned.step, planned.classes, {})
-        trainer.builder(plan, torch.stack([trainer.data.latent(i) for i in plan]), [trainer.data.text(i) for i in plan])
+        trainer.builder(plan, [trainer.data.latent(i) for i in plan], [trainer.data.text(i) for i in plan])
     image_texts = [trainer.images.text(j)[0] for j in range(3)]
     counts = {0: 0, 1: 0}
     for batch, (clean, units, texts) in zip(seen, calls):

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="allow --frames beyond the training clip length (history limited to the trained units)")
     sample.add_argument("--no-cache", action="store_true", help="recompute text and history at every step (slower)")
     sample.add_argument("--device", metavar="DEVICE", help="where to sample: cpu, cuda, cuda:1 ... (default: cuda when present)")
+    sample.add_argument("--height", type=_positive_int, help="picture height in pixels (default: the run's size; any the "
+                        "pyramid can halve, also sizes not trained)")
+    sample.add_argument("--width", type=_positive_int, help="picture width in pixels (default: the run's size)")
 
     evaluate = commands.add_parser("eval", help="FID (EfficientNet-Lite0) and, for mnist, digit accuracy of a run's samples")
     evaluate.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory or checkpoints/step-N")
@@ -184,22 +187,28 @@ def _sample(args) -> int:
         raise ValueError(f"--out {out} must end in .png (an image grid), .gif or .mp4 (videos).")
     pipeline = load_pipeline(args.checkpoint, _device(args.device))
     steps = [args.steps] * pipeline.schedule.num_stages if args.steps else None
+    size = None
+    if args.height or args.width:
+        side = pipeline.config.data.resolution or pipeline.config.data.image_size
+        size = (args.height or side, args.width or side)
+        pipeline.latent_shape(size)  # refuses a size the pyramid cannot halve, naming the nearest
     if out.suffix.lower() in VIDEO_SUFFIXES:
         from pyraflow.data import read_image
 
         num = args.num or 1
         image = read_image(args.image, pipeline.config.data.channels) if args.image else None
-        frames = args.frames or pipeline.config.data.frames
+        frames = args.frames or pipeline.max_frames()
         prompts = [p for p in args.prompt for _ in range(num)]
         pixels, timings = pipeline.video(prompts, frames, args.seed, image, steps, args.guidance, args.allow_longer,
-                                         use_cache=False if args.no_cache else None)
+                                         use_cache=False if args.no_cache else None, size=size)
         write_video(pixels, out, rows=len(args.prompt))
         sheet = out.with_suffix(".png")
         write_image(contact_sheet(pixels), sheet)
         units = ", ".join(f"{t:.2f}" for t in timings)
         print(f"wrote {out} and {sheet} ({len(prompts)} video(s) of {pixels.shape[2]} frames); seconds per unit: {units}")
         return 0
-    timings = pipeline.grid(args.prompt, args.num or 8, out, seed=args.seed, steps=steps, guidance=args.guidance)
+    timings = pipeline.grid(args.prompt, args.num or 8, out, seed=args.seed, steps=steps, guidance=args.guidance,
+                            size=size)
     stages = ", ".join(f"stage {k}: {t:.2f} s" for k, t in enumerate(timings))
     print(f"wrote {args.out} ({len(args.prompt)} x {args.num or 8}); time per stage: {stages}")
     return 0
@@ -244,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                 if "digit_accuracy" in result:
                     print(f"digit accuracy: {100 * result['digit_accuracy']:.1f}% (classifier on held-out digits: "
                           f"{100 * result['classifier_heldout_accuracy']:.1f}%)")
-                hf = result["hf_energy"]
-                print(f"high-frequency energy: generated {hf['generated']:.4f}, real {hf['real']:.4f}")
+                if "hf_energy" in result:
+                    hf = result["hf_energy"]
+                    print(f"high-frequency energy: generated {hf['generated']:.4f}, real {hf['real']:.4f}")
                 for st in result.get("stages", []):
                     print(f"  end of stage {st['stage']}: high-frequency energy {st['hf_energy_generated']:.4f} "
                           f"(expected {st['hf_energy_expected']:.4f})")

@@ -179,6 +179,36 @@ def stage_report(pipeline, prompts: list[str], seed: int, real: torch.Tensor, st
     return report
 
 
+def evaluate_shapes(pipeline, num: int, seed: int, steps: int | None, guidance: float | None, solver: str | None,
+                    progress: bool) -> dict:
+    """FID (EfficientNet-Lite0) of a run trained at native shapes: ``num`` samples, each made at the bucket (and with
+    the caption) of a training sample spread over the dataset, against the training pictures; features are taken
+    per shape (the network sees every picture resized to 64 x 64)."""
+    from tqdm import tqdm
+
+    from pyraflow.data import build_dataset, iterate_samples, resolve_buckets
+
+    config = pipeline.config
+    buckets = resolve_buckets(config)
+    real = list(iterate_samples(build_dataset(config.data, buckets=buckets)))
+    picks = [real[(i * len(real)) // num % len(real)] for i in range(num)]
+    network = _efficientnet()
+    step_list = [steps] * pipeline.schedule.num_stages if steps else None
+    generated, reference, per_bucket = [], [], {}
+    for b, bucket in enumerate(tqdm(buckets, desc="sampling per bucket", disable=not progress)):
+        prompts = [p.caption for p in picks if p.bucket == b]
+        pictures = [r.pixels[:, 0] for r in real if r.bucket == b]
+        if pictures:
+            reference.append(efficientnet_features(torch.stack(pictures), network))
+        if prompts:
+            pixels, _ = pipeline.generate(prompts, seed + b, step_list, guidance, solver, size=(bucket.height, bucket.width))
+            generated.append(efficientnet_features(pixels[:, :, 0], network))
+        per_bucket[bucket.name] = {"samples": len(prompts), "training_pictures": len(pictures)}
+    return {"num_samples": num, "seed": seed, "fid_efficientnet_lite0": frechet_distance(np.concatenate(generated),
+                                                                                          np.concatenate(reference)),
+            "fid_reference": f"{len(real)} training pictures at their buckets", "per_bucket": per_bucket}
+
+
 def motion_statistics(videos: torch.Tensor) -> dict:
     """How much frames change over time in (B, C, T, H, W) videos: consecutive frames against unrelated ones.
 
@@ -206,6 +236,9 @@ def evaluate(checkpoint: str | Path, num: int = 200, seed: int = 0, steps: int |
     pipeline = load_pipeline(path, device, use_ema=use_ema)
     config = pipeline.config
     is_mnist = config.data.dataset == "mnist"
+    if config.data.bucketed and not is_mnist:
+        return {"checkpoint": str(path), "weights": "ema" if use_ema else "raw",
+                **evaluate_shapes(pipeline, num, seed, steps, guidance, solver, progress)}
     if is_mnist:
         digits = [i % 10 for i in range(num)]
         prompts = [caption_for_digit(d) for d in digits]

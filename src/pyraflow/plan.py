@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from pyraflow.batching import TokenBudgetBatcher, example_classes
 from pyraflow.config import Config
-from pyraflow.data import planned_size
+from pyraflow.data import planned_size, resolve_buckets
 from pyraflow.model import estimate_activation_bytes
 from pyraflow.schedule import PyramidSchedule
 
@@ -37,19 +37,50 @@ def schedule_report(schedule: PyramidSchedule) -> dict:
     }
 
 
+def planned_bucket_counts(config: Config, buckets) -> list[int]:
+    """Samples per bucket, from the items' sizes where possible (no decoding of images); clips are cut for real."""
+    from pyraflow.data import build_dataset
+    from pyraflow.data.datasets import Shaper, VideoClips
+
+    if len(buckets) == 1:
+        return [planned_size(config.data)]
+    if config.data.num_samples is not None:
+        raise ValueError("data.num_samples cannot say how samples fall into buckets; plan with the data at hand.")
+    dataset = build_dataset(config.data, buckets=buckets)
+    counts = [0] * len(buckets)
+    if isinstance(dataset, VideoClips):
+        for clip in dataset.clips():
+            counts[clip.bucket] += 1
+        return counts
+    shaper = Shaper(config.data, buckets)
+    for width, height in dataset.item_sizes():
+        counts[shaper.bucket_for(width, height)] += 1
+    return counts
+
+
 def simulate(config: Config, steps: int, world_size: int = 1, progress: bool = False) -> dict:
     """Run the batcher for ``steps`` steps on rank 0 and summarise what it chose."""
     if steps < 1:
         raise ValueError(f"--steps {steps} must be >= 1.")
     k = config.schedule.stages
-    classes = example_classes(config)  # one per stage, or per (stage, unit) for video units
+    buckets = resolve_buckets(config)
+    bucket_counts = planned_bucket_counts(config, buckets)
+    classes = example_classes(config, buckets, bucket_counts)  # per stage (bucket) (unit)
     class_stage = np.asarray(classes.stages)
+    class_bucket = np.asarray(classes.buckets)
     class_tokens = np.asarray(classes.segment_tokens, dtype=np.float64)
-    batcher = TokenBudgetBatcher(config.batching, classes.segment_tokens, classes.mix, planned_size(config.data), 0,
-                                 world_size, classes.names())
+    batcher = TokenBudgetBatcher(config.batching, classes.segment_tokens, classes.mix, bucket_counts, 0, world_size,
+                                 classes.names(), classes.buckets)
 
     def per_stage(values: np.ndarray) -> np.ndarray:
         return np.bincount(class_stage, weights=values, minlength=k)
+
+    def per_bucket(values: np.ndarray) -> np.ndarray:
+        return np.bincount(class_bucket, weights=values, minlength=len(buckets))
+
+    bucket_samples = np.zeros((steps, len(buckets)))
+    bucket_tokens = np.zeros((steps, len(buckets)))
+    bucket_memory = np.zeros((steps, len(buckets)))
 
     tokens = np.zeros(steps)
     counts = np.zeros((steps, k))
@@ -64,6 +95,11 @@ def simulate(config: Config, steps: int, world_size: int = 1, progress: bool = F
         counts[i] = per_stage(class_counts)
         stage_tokens[i] = per_stage(class_counts * class_tokens)
         activation[i] = estimate_activation_bytes(config.model, [classes.segment_tokens[c] for c in batch.classes])
+        bucket_samples[i] = per_bucket(class_counts)
+        bucket_tokens[i] = per_bucket(class_counts * class_tokens)
+        for b in range(len(buckets)):
+            bucket_memory[i, b] = estimate_activation_bytes(
+                config.model, [classes.segment_tokens[c] for c in batch.classes if classes.buckets[c] == b])
     segment_tokens = [float(stage_tokens[:, s].sum() / max(counts[:, s].sum(), 1)) for s in range(k)]
     if config.batching.ratio_unit == "samples":
         realised = counts.sum(0) / counts.sum()
@@ -85,6 +121,20 @@ def simulate(config: Config, steps: int, world_size: int = 1, progress: bool = F
             }
             for s in range(k)
         ],
+        "per_bucket": [
+            {
+                "bucket": bucket.name,
+                "height": bucket.height,
+                "width": bucket.width,
+                "frames": bucket.frames,
+                "data_share": float(bucket_counts[b] / sum(bucket_counts)),
+                "realised_share": float(bucket_samples[:, b].sum() / bucket_samples.sum()),
+                "samples_per_step_mean": float(bucket_samples[:, b].mean()),
+                "tokens_per_step_mean": float(bucket_tokens[:, b].mean()),
+                "activation_memory_mb_mean": float(bucket_memory[:, b].mean() / 2**20),
+            }
+            for b, bucket in enumerate(buckets)
+        ],
         "tokens_per_step": {
             "mean": float(tokens.mean()),
             "cv": float(tokens.std() / tokens.mean()),
@@ -104,7 +154,7 @@ def simulate(config: Config, steps: int, world_size: int = 1, progress: bool = F
             "max": float(activation.max() / 2**20),
             "note": "autograd activations per rank, bf16, flash-style attention; weights and optimizer excluded",
         },
-        "epochs": batcher.consumed / batcher.shard_size,
+        "epochs": sum(batcher.consumed) / max(1, sum(batcher.shard_sizes)),
     }
 
 
@@ -145,4 +195,11 @@ def format_report(report: dict) -> str:
         f"activation memory (bf16, per rank): mean {a['mean']:.1f} MB, max {a['max']:.1f} MB",
         f"epochs covered: {report['epochs']:.2f}",
     ]
+    if len(report["per_bucket"]) > 1:
+        lines += ["", f"{'bucket':>10} {'aspect':>6} {'data share':>10} {'realised':>8} {'samples/step':>12} "
+                      f"{'tokens/step':>11} {'memory MB':>9}"]
+        for b in report["per_bucket"]:
+            lines.append(f"{b['bucket']:>10} {b['width'] / b['height']:>6.2f} {b['data_share']:>10.3f} "
+                         f"{b['realised_share']:>8.3f} {b['samples_per_step_mean']:>12.2f} {b['tokens_per_step_mean']:>11.1f} "
+                         f"{b['activation_memory_mb_mean']:>9.1f}")
     return "\n".join(lines)

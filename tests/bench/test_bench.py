@@ -59,6 +59,7 @@ def test_bench_json_has_every_variant(capsys):
     assert {"pyramid_s", "flat_s", "ratio", "pyramid_stage_s"} <= set(result["sampling"])
     assert {"tokens_cv", "peak_mem_range_frac", "fixed_batch"} <= set(result["stability"])
     assert {"cached_s", "recomputed_s", "speedup", "last_unit_speedup"} <= set(result["history_cache"])
+    assert {"mixed", "square", "mixed_cost_per_token"} <= set(result["shapes"])
     assert {"pyraflow", "reference_columns", "per_stage", "row_tokens"} <= set(result["scaling"]["scales"]["1"])
 
 
@@ -161,3 +162,15 @@ def test_the_dense_mask_and_per_token_modulation_baselines_compute_what_the_prod
         context = per_token_modulation(model.prepare(batch.layout, device), device)
         assert context.visual.index is not None and context.text.index is not None
         torch.testing.assert_close(model(batch, context), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_shape_comparison_times_a_mixed_and_a_square_batch_of_the_same_stages():
+    from pyraflow.bench.standard import shaped_samples
+    from pyraflow.bench.speed import shape_comparison
+
+    mixed, square = shaped_samples(True), shaped_samples(False)
+    assert [s.stage for s in mixed] == [s.stage for s in square] == [0] * 4 + [1] * 8 + [2] * 4
+    assert {tuple(s.latent.shape[2:]) for s in mixed if s.stage == 2} == {(40, 24), (32, 32), (24, 40)}
+    result = shape_comparison(torch.device("cpu"), "fp32", steps=1, warmup=0, progress=False)
+    assert result["mixed"]["groups"] == 9 and result["square"]["groups"] == 3
+    assert result["mixed_cost_per_token"] > 0

@@ -33,11 +33,11 @@ def builder_and_plan(rank: int, index: int = 3):
 
 def test_a_planned_batch_builds_the_same_on_any_process_and_differently_on_another_rank():
     builder, plan, clean, captions = builder_and_plan(rank=0)
-    a, tokens = builder(plan, clean.clone(), captions)
-    b, _ = builder(plan, clean.clone(), captions)
+    a, tokens = builder(plan, list(clean.clone()), captions)
+    b, _ = builder(plan, list(clean.clone()), captions)
     assert torch.equal(a.visual, b.visual) and torch.equal(a.target, b.target) and torch.equal(a.text, b.text)
     assert tokens == a.layout.num_visual + a.layout.num_text
-    other, _ = builder_and_plan(rank=1)[0](plan, clean.clone(), captions)
+    other, _ = builder_and_plan(rank=1)[0](plan, list(clean.clone()), captions)
     assert not torch.equal(a.visual, other.visual)
     assert sorted(a.layout.stages) == [0, 0, 1, 1, 2, 2]
 

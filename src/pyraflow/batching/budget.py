@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ import torch
 from pyraflow.config import BatchingConfig
 
 EPOCH_SEED_STRIDE = 1_000_003  # a prime: seeds of (batching.seed, epoch) pairs never collide for epochs below it
+POOL_SEED_SHIFT = 40  # pools (buckets) after the first get their own high bits in the permutation seed
 
 
 @dataclass
@@ -40,9 +42,11 @@ class TokenBudgetBatcher:
     """Chooses each step's per-class sample counts under a token budget and hands out sample ids.
 
     segment_tokens[c] is the number of tokens one sample of class c brings (visual + text); a class is a stage,
-    or a (stage, unit) pair for video units (see pyraflow.batching.example_classes). The carried state is
-    (step, the cumulative target and assigned amounts per class, samples consumed); it is the same on every
-    rank, so rank 0 can save it for all.
+    or a (stage, bucket[, unit]) combination (see pyraflow.batching.example_classes). Samples come from pools
+    (one per shape bucket; one for the whole dataset without buckets): class c takes its samples from pool
+    class_pools[c], each pool walks its own per-epoch permutation, and pool_ids(pool, local indices) turns them
+    into dataset ids. The carried state is (step, the cumulative target and assigned amounts per class, samples
+    consumed per pool); it is the same on every rank, so rank 0 can save it for all.
     """
 
     def __init__(
@@ -50,10 +54,12 @@ class TokenBudgetBatcher:
         config: BatchingConfig,
         segment_tokens: list[int],
         mix,
-        dataset_size: int,
+        dataset_size: int | list[int],
         rank: int = 0,
         world_size: int = 1,
         class_names: list[str] | None = None,
+        class_pools: list[int] | None = None,
+        pool_ids: Callable[[int, list[int]], list[int]] | None = None,
     ):
         self.config = config
         self.class_names = class_names or [f"stage {k}" for k in range(len(segment_tokens))]
@@ -65,11 +71,17 @@ class TokenBudgetBatcher:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in 0..world_size-1 (world_size={world_size}).")
         support = mix.support()
-        if dataset_size < world_size or dataset_size <= 0:
-            raise ValueError(
-                f"the dataset has {dataset_size} samples, fewer than the {world_size} rank(s); every class with a "
-                "ratio above zero needs data. Point data at a non-empty dataset or lower the number of ranks."
-            )
+        self.pool_sizes = [dataset_size] if isinstance(dataset_size, int) else list(dataset_size)
+        self.class_pools = list(class_pools) if class_pools is not None else [0] * self.num_classes
+        self.pool_ids = pool_ids or (lambda pool, local: list(local))
+        for pool, size in enumerate(self.pool_sizes):
+            used = [c for c in range(self.num_classes) if self.class_pools[c] == pool and support[c]]
+            if used and (size < world_size or size <= 0):
+                where = "the dataset" if len(self.pool_sizes) == 1 else f"bucket {pool} (used by {self.class_names[used[0]]})"
+                raise ValueError(
+                    f"{where} has {size} samples, fewer than the {world_size} rank(s); every class with a "
+                    "ratio above zero needs data. Point data at a non-empty dataset or lower the number of ranks."
+                )
         largest = float(self.cost[support].max())
         if largest > config.token_budget:
             k = int(np.flatnonzero(support & (self.cost == largest))[0])
@@ -79,13 +91,14 @@ class TokenBudgetBatcher:
             )
         positive_costs = self.cost[support & (self.cost > 0)]
         self.max_batch = int(min(config.max_samples, config.token_budget // positive_costs.min()))
-        self.shard_size = dataset_size // world_size  # per epoch; drops < world_size samples, different ones each epoch
-        self.dataset_size = dataset_size
+        # per pool and epoch; drops < world_size samples of a pool, different ones each epoch
+        self.shard_sizes = [size // world_size for size in self.pool_sizes]
+        self.dataset_size = sum(self.pool_sizes)
         self.step = 0
         self.target = np.zeros(self.num_classes)
         self.assigned = np.zeros(self.num_classes)
-        self.consumed = 0
-        self._permutation_cache: tuple[int, torch.Tensor] | None = None
+        self.consumed = [0] * len(self.pool_sizes)
+        self._permutation_cache: dict[int, tuple[int, torch.Tensor]] = {}
 
     # ----- class counts --------------------------------------------------------------------------
     def _counts(self, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -118,22 +131,23 @@ class TokenBudgetBatcher:
         return self._counts(self.mix.ratio(step))[0]
 
     # ----- data order --------------------------------------------------------------------------
-    def _raw_order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.config.seed * EPOCH_SEED_STRIDE + epoch)
-        return torch.randperm(self.dataset_size, generator=g)[: self.shard_size * self.world_size]
+    def _raw_order(self, epoch: int, pool: int) -> torch.Tensor:
+        seed = (self.config.seed * EPOCH_SEED_STRIDE + epoch) ^ (pool << POOL_SEED_SHIFT)
+        g = torch.Generator().manual_seed(seed)
+        return torch.randperm(self.pool_sizes[pool], generator=g)[: self.shard_sizes[pool] * self.world_size]
 
-    def _epoch_order(self, epoch: int) -> torch.Tensor:
-        """The epoch's permutation, with its first window kept clear of the previous epoch's last window.
+    def _epoch_order(self, epoch: int, pool: int) -> torch.Tensor:
+        """The epoch's permutation of a pool, with its first window kept clear of the previous epoch's last window.
 
         A step that straddles two epochs takes the end of epoch e and the start of e+1 on every rank; without
         this, one sample could land on two ranks (or twice on one) in that step. The tail is left as drawn,
         so each epoch depends only on its own and the previous draw.
         """
-        order = self._raw_order(epoch)
+        order = self._raw_order(epoch, pool)
         window = self.max_batch * self.world_size
         if epoch == 0 or len(order) < 3 * window:
             return order
-        previous_tail = self._raw_order(epoch - 1)[-window:]
+        previous_tail = self._raw_order(epoch - 1, pool)[-window:]
         body, tail = order[:-window], order[-window:]
         clash = torch.isin(body, previous_tail)
         if not clash.any():
@@ -141,31 +155,34 @@ class TokenBudgetBatcher:
         free = body[~clash]
         return torch.cat([free[:window], body[clash], free[window:], tail])
 
-    def _shard(self, epoch: int) -> torch.Tensor:
-        if self._permutation_cache is None or self._permutation_cache[0] != epoch:
-            self._permutation_cache = (epoch, self._epoch_order(epoch)[self.rank :: self.world_size])
-        return self._permutation_cache[1]
+    def _shard(self, epoch: int, pool: int) -> torch.Tensor:
+        cached = self._permutation_cache.get(pool)
+        if cached is None or cached[0] != epoch:
+            self._permutation_cache[pool] = (epoch, self._epoch_order(epoch, pool)[self.rank :: self.world_size])
+        return self._permutation_cache[pool][1]
 
-    def _take(self, n: int) -> list[int]:
-        ids: list[int] = []
-        position = self.consumed
-        while len(ids) < n:
-            epoch, offset = divmod(position, self.shard_size)
-            shard = self._shard(epoch)
-            chunk = shard[offset : offset + n - len(ids)].tolist()
-            ids.extend(chunk)
+    def _take(self, n: int, pool: int) -> list[int]:
+        local: list[int] = []
+        position = self.consumed[pool]
+        while len(local) < n:
+            epoch, offset = divmod(position, self.shard_sizes[pool])
+            chunk = self._shard(epoch, pool)[offset : offset + n - len(local)].tolist()
+            local.extend(chunk)
             position += len(chunk)
-        return ids
+        self.consumed[pool] = position
+        return self.pool_ids(pool, local)
 
     def epoch(self) -> int:
-        return self.consumed // self.shard_size
+        """Epochs completed by every pool in use."""
+        return min(c // s for c, s in zip(self.consumed, self.shard_sizes) if s)
 
     # ----- stepping ----------------------------------------------------------------------------
     def next_batch(self) -> ClassBatch:
         counts, self.target, self.assigned = self._counts(self.mix.ratio(self.step))
-        n = int(counts.sum())
-        ids = self._take(n)
-        self.consumed += n
+        ids: list[int] = []
+        for k in range(self.num_classes):
+            if counts[k]:
+                ids += self._take(int(counts[k]), self.class_pools[k])
         classes = [k for k in range(self.num_classes) for _ in range(int(counts[k]))]
         batch = ClassBatch(
             step=self.step,
@@ -184,19 +201,21 @@ class TokenBudgetBatcher:
             "step": self.step,
             "target": self.target.tolist(),
             "assigned": self.assigned.tolist(),
-            "consumed": self.consumed,
-            "dataset_size": self.dataset_size,
+            "consumed": list(self.consumed),
+            "pool_sizes": list(self.pool_sizes),
             "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state["dataset_size"] != self.dataset_size or state["world_size"] != self.world_size:
+        pools = state.get("pool_sizes", [state.get("dataset_size")])
+        if pools != self.pool_sizes or state["world_size"] != self.world_size:
             raise ValueError(
-                f"batcher state was saved for {state['dataset_size']} samples on {state['world_size']} rank(s), "
-                f"but this run has {self.dataset_size} samples on {self.world_size}; resume with the same data "
-                "and number of ranks, or start a new run."
+                f"batcher state was saved for {sum(pools)} samples ({pools} per bucket) on {state['world_size']} "
+                f"rank(s), but this run has {self.dataset_size} ({self.pool_sizes}) on {self.world_size}; resume with "
+                "the same data and number of ranks, or start a new run."
             )
         self.step = int(state["step"])
         self.target = np.asarray(state["target"], dtype=np.float64)
         self.assigned = np.asarray(state["assigned"], dtype=np.float64)
-        self.consumed = int(state["consumed"])
+        consumed = state["consumed"]
+        self.consumed = [int(consumed)] if isinstance(consumed, int) else [int(c) for c in consumed]

@@ -1,8 +1,10 @@
 """What the batcher chooses between: example classes with their segment lengths and target mix.
 
-An image run has one class per stage. A video run trained unit by unit has one class per (stage, unit): a
-later unit brings its history, so its segment is longer, and the stage mix is spread over units by
-``unit_probabilities``. Classes are ordered stage-major (class = stage * num_units + unit).
+A class is a stage, a shape bucket and, for video trained unit by unit, a unit: an image run on one square size
+has one class per stage; with aspect or clip-length buckets every (stage, bucket) is a class, with its own tokens
+and its own pool of samples; a later video unit brings its history, so its segment is longer. The stage mix is
+spread over each stage's classes: bucket b gets the share of the data it holds, unit u ``unit_probabilities``.
+Classes are ordered stage-major, then bucket, then unit.
 """
 
 from __future__ import annotations
@@ -12,24 +14,28 @@ from dataclasses import dataclass
 import numpy as np
 
 from pyraflow.batching.mix import build_mix
-from pyraflow.config import Config, unit_spans
+from pyraflow.config import Bucket, Config, unit_spans
 from pyraflow.video import history_tokens
 
 
-def frame_tokens(config: Config, stage: int) -> int:
-    """Visual tokens of one frame at ``stage``."""
-    p, k, side = config.model.patch_size, config.schedule.stages, config.latent_size()
-    return (side // (p * 2 ** (k - 1 - stage))) ** 2
+def frame_tokens(config: Config, stage: int, bucket: Bucket | None = None) -> int:
+    """Visual tokens of one frame at ``stage`` (of the bucket's size; default the square size)."""
+    p, k = config.model.patch_size, config.schedule.stages
+    side = p * 2 ** (k - 1 - stage) * config.latent.resolved_downsample()
+    if bucket is None:
+        return (config.latent_size() // (p * 2 ** (k - 1 - stage))) ** 2
+    return (bucket.height // side) * (bucket.width // side)
 
 
-def segment_tokens(config: Config, stage: int, unit: int | None = None) -> int:
+def segment_tokens(config: Config, stage: int, unit: int | None = None, bucket: Bucket | None = None) -> int:
     """Tokens one example brings to a batch: text (budgeted at text.max_tokens) + visual tokens of what it
     predicts + those of its history (video units)."""
-    per_frame = [frame_tokens(config, k) for k in range(config.schedule.stages)]
+    per_frame = [frame_tokens(config, k, bucket) for k in range(config.schedule.stages)]
+    frames = config.data.frames if bucket is None else bucket.frames
     text = config.text.max_tokens
     if unit is None:
-        return text + config.data.frames * per_frame[stage]
-    spans = unit_spans(config.data.frames, config.video.unit_frames)
+        return text + frames * per_frame[stage]
+    spans = unit_spans(frames, config.video.unit_frames)
     return (text + spans[unit][1] * per_frame[stage]
             + history_tokens(spans, unit, stage, config.video.max_history_units, per_frame))
 
@@ -42,19 +48,20 @@ def unit_probabilities(num_units: int, image_ratio: float) -> np.ndarray:
     return np.asarray([image_ratio] + [rest] * (num_units - 1))
 
 
-class UnitMix:
-    """A stage mix spread over units: class (stage k, unit u) gets ratio[k] * p[u]. Loss feedback and state go to
-    the stage mix."""
+class ClassMix:
+    """A stage mix spread over classes: class c gets ratio[stage of c] * weight[c], the weights of each stage's
+    classes summing to 1. Loss feedback and state go to the stage mix."""
 
-    def __init__(self, stage_mix, unit_probs: np.ndarray):
+    def __init__(self, stage_mix, class_stages: list[int], weights: np.ndarray):
         self.stage_mix = stage_mix
-        self.unit_probs = np.asarray(unit_probs, dtype=np.float64)
+        self.class_stages = np.asarray(class_stages)
+        self.weights = np.asarray(weights, dtype=np.float64)
 
     def ratio(self, step: int) -> np.ndarray:
-        return np.outer(self.stage_mix.ratio(step), self.unit_probs).ravel()
+        return self.stage_mix.ratio(step)[self.class_stages] * self.weights
 
     def support(self) -> np.ndarray:
-        return np.outer(self.stage_mix.support(), self.unit_probs > 0).ravel()
+        return self.stage_mix.support()[self.class_stages] & (self.weights > 0)
 
     def observe(self, step: int, stage_losses: dict[int, float]) -> None:
         if hasattr(self.stage_mix, "observe"):
@@ -70,28 +77,51 @@ class UnitMix:
 
 @dataclass
 class ExampleClasses:
-    """The batcher's classes: the stage and unit of each, its segment tokens, and the mix over them."""
+    """The batcher's classes: the stage, bucket and unit of each, its segment tokens, and the mix over them."""
 
     stages: list[int]
     units: list[int | None]  # None: no units (images, or clips trained whole)
     segment_tokens: list[int]
     mix: object
+    buckets: list[int]  # index into bucket_shapes: also the class's pool of samples
+    bucket_shapes: list[Bucket]
 
     def name(self, c: int) -> str:
-        return f"stage {self.stages[c]}" + ("" if self.units[c] is None else f" unit {self.units[c]}")
+        bucket = "" if len(self.bucket_shapes) == 1 else f" {self.bucket_shapes[self.buckets[c]].name}"
+        return f"stage {self.stages[c]}{bucket}" + ("" if self.units[c] is None else f" unit {self.units[c]}")
 
     def names(self) -> list[str]:
         return [self.name(c) for c in range(len(self.stages))]
 
 
-def example_classes(config: Config) -> ExampleClasses:
-    """The batcher's classes for a run: one per stage, or one per (stage, unit) for video units."""
+def example_classes(config: Config, buckets: list[Bucket] | None = None,
+                    bucket_counts: list[int] | None = None) -> ExampleClasses:
+    """The batcher's classes for a run. buckets: the run's shapes (default Config.buckets()); bucket_counts: samples
+    per bucket in the data, which sets each bucket's share (default: equal shares)."""
     k = config.schedule.stages
     stage_mix = build_mix(config.batching.mix, k)
-    if not config.video_units():
-        return ExampleClasses(list(range(k)), [None] * k, [segment_tokens(config, s) for s in range(k)], stage_mix)
-    num_units = len(unit_spans(config.data.frames, config.video.unit_frames))
-    pairs = [(s, u) for s in range(k) for u in range(num_units)]
-    mix = UnitMix(stage_mix, unit_probabilities(num_units, config.video.image_ratio))
-    return ExampleClasses([s for s, _ in pairs], [u for _, u in pairs],
-                          [segment_tokens(config, s, u) for s, u in pairs], mix)
+    buckets = buckets or config.buckets()
+    counts = np.asarray(bucket_counts if bucket_counts is not None else [1] * len(buckets), dtype=np.float64)
+    if counts.shape != (len(buckets),):
+        raise ValueError(f"{len(counts)} bucket counts for {len(buckets)} buckets.")
+    shares = counts / counts.sum() if counts.sum() > 0 else np.full(len(buckets), 1 / len(buckets))
+    units = config.video_units()
+    shaped = config.data.bucketed  # tokens from the bucket's sides; otherwise from data.image_size
+    if len(buckets) == 1 and not units:  # one class per stage, the stage mix as it is
+        tokens = [segment_tokens(config, s, None, buckets[0] if shaped else None) for s in range(k)]
+        return ExampleClasses(list(range(k)), [None] * k, tokens, stage_mix, [0] * k, list(buckets))
+    stages, class_units, class_buckets, tokens, weights = [], [], [], [], []
+    for s in range(k):
+        for b, bucket in enumerate(buckets):
+            if units:
+                probs = unit_probabilities(len(unit_spans(bucket.frames, config.video.unit_frames)), config.video.image_ratio)
+            else:
+                probs = [1.0]
+            for u, prob in enumerate(probs):
+                stages.append(s)
+                class_units.append(u if units else None)
+                class_buckets.append(b)
+                tokens.append(segment_tokens(config, s, u if units else None, bucket if shaped else None))
+                weights.append(shares[b] * prob)
+    return ExampleClasses(stages, class_units, tokens, ClassMix(stage_mix, stages, np.asarray(weights)), class_buckets,
+                          list(buckets))

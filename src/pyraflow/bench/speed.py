@@ -193,6 +193,26 @@ def alternate(runners: dict, steps: int, warmup: int, device: torch.device, desc
     return times
 
 
+def shape_comparison(device: torch.device, precision: str, steps: int = 10, warmup: int = 2,
+                     progress: bool = True) -> dict:
+    """One training step on a batch mixing three aspect ratios against the same stages and counts all square
+    (pyraflow.bench.standard.shaped_samples), alternated round by round, medians; per visual token, since the shapes'
+    token counts differ a little."""
+    from pyraflow.bench.standard import SHAPES, shaped_samples
+
+    runners = {name: TrainStep("grouped", precision, device, samples=shaped_samples(mixed))
+               for name, mixed in (("mixed", True), ("square", False))}
+    times = alternate(runners, steps, warmup, device, "bench shapes", progress)
+    out = {"shapes": {k: list(v) for k, v in SHAPES.items()}, "precision": precision, "steps": steps}
+    for name, runner in runners.items():
+        layout = runner.batch.layout
+        ms = 1000 * statistics.median(times[name])
+        out[name] = {"ms_per_step": ms, "visual_tokens": layout.num_visual, "groups": len(layout.groups),
+                     "us_per_visual_token": 1000 * ms / layout.num_visual}
+    out["mixed_cost_per_token"] = out["mixed"]["us_per_visual_token"] / out["square"]["us_per_visual_token"]
+    return out
+
+
 def scaling_comparison(device: torch.device, scales: list[int], precisions: dict[str, str], steps: int = 5,
                        warmup: int = 1, progress: bool = True) -> dict:
     """The standard batch with latent sides times each scale: pyraflow, the reference's rows and one stage per
@@ -279,6 +299,8 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
             "fraction_of_bf16_peak": flops / 1e9 / (base["ms_per_step_by_precision"]["bf16"] / 1000) / peaks["bf16"],
             "wide": wide_mfu(device, peaks["fp32"]),
         }
+    result["shapes"] = shape_comparison(device, variants_out["grouped"]["precision"] if "grouped" in variants_out
+                                        else "fp32", steps, warmup, progress)
     result["sampling"] = sampling_comparison(device)
     result["history_cache"] = history_cache_comparison(device)
     result["stability"] = stability()
@@ -300,6 +322,11 @@ def format_bench(result: dict) -> str:
         lines.append(f"matmul peak: fp32 {mfu['fp32_peak_gflops']:.0f} GFLOP/s, bf16 {mfu['bf16_peak_gflops']:.0f}; grouped "
                      f"reaches {100 * mfu['fraction_of_fp32_peak']:.0f}% of fp32 peak, {100 * mfu['fraction_of_bf16_peak']:.0f}% of bf16 peak; "
                      f"width 384 with 280-token segments: {100 * mfu['wide']['fraction_of_fp32_peak']:.0f}% of fp32 peak")
+    sh = result["shapes"]
+    lines.append(f"mixed shapes (portrait, square, landscape): {sh['mixed']['ms_per_step']:.1f} ms/step for "
+                 f"{sh['mixed']['visual_tokens']} visual tokens in {sh['mixed']['groups']} groups; all square "
+                 f"{sh['square']['ms_per_step']:.1f} ms for {sh['square']['visual_tokens']} in {sh['square']['groups']}: "
+                 f"{sh['mixed_cost_per_token']:.2f}x the cost per token")
     sp = result["sampling"]
     lines.append(f"sampling {sp['images']} images, {sp['total_steps']} steps: pyramid {sp['pyramid_s']:.2f} s "
                  f"(per stage {', '.join(f'{t:.2f}' for t in sp['pyramid_stage_s'])}), flat {sp['flat_s']:.2f} s, "

@@ -56,6 +56,26 @@ def standard_samples(seed: int = 0, pad_text: bool = False, all_at_longest: bool
     return samples
 
 
+SHAPES = {"portrait": (40, 24), "square": (32, 32), "landscape": (24, 40)}  # full-resolution latent sides
+
+
+def shaped_samples(mixed: bool, seed: int = 0) -> list[Sample]:
+    """The standard batch's stages and counts (4 / 8 / 4) with its samples spread over three aspect ratios (mixed:
+    portrait 40x24, square 32x32, landscape 24x40 latents, in turn) or all square: how a mixed-shape batch costs
+    against a square one. Text 24 tokens each, so only the shapes differ."""
+    g = torch.Generator().manual_seed(seed)
+    samples, n = [], 0
+    for stage, _, count in STANDARD_STAGES:
+        d = 2 ** (2 - stage)
+        for _ in range(count):
+            height, width = list(SHAPES.values())[n % 3] if mixed else SHAPES["square"]
+            n += 1
+            samples.append(Sample(stage, torch.randn(4, 1, height // d, width // d, generator=g),
+                                  torch.randn(24, 384, generator=g), torch.randn(384, generator=g),
+                                  float(torch.rand((), generator=g) * 1000)))
+    return samples
+
+
 def standard_batch(seed: int = 0, **kw) -> PackedBatch:
     """standard_samples(seed, **kw), packed."""
     return pack(standard_samples(seed, **kw), num_stages=3, patch_size=2, channels=4, text_dim=384, pooled_dim=384)
@@ -108,7 +128,9 @@ class TrainStep:
     per_stage  one forward/backward per stage (as a bucketed trainer would), one optimizer step.
     """
 
-    def __init__(self, variant: str, precision: str, device: torch.device, seed: int = 0, scale: int = 1):
+    def __init__(self, variant: str, precision: str, device: torch.device, seed: int = 0, scale: int = 1,
+                 samples: list[Sample] | None = None):
+        """samples: train on these, packed (layout ``packed``), instead of the standard batch."""
         layout, backend, modulation = {**VARIANTS, **CUDA_VARIANTS}[variant]
         torch.manual_seed(seed)
         product = backend if backend in ("grouped", "flex", "flash") else "grouped"
@@ -122,6 +144,8 @@ class TrainStep:
         elif layout == "rows":  # the reference holds its batch in rows: [low, mid, mid, high] x 4, in this order
             samples = standard_samples(seed, pad_text=True, scale=scale)
             batches = [pack([samples[k] for k in ROW_ORDER], 3, 2, 4, 384, 384, keep_order=True)]
+        elif samples is not None:
+            batches = [pack(samples, 3, 2, 4, 384, 384)]
         else:
             batches = [standard_batch(seed, all_at_longest=layout == "padded", scale=scale)]
         self.batches = [b.to(device) for b in batches]

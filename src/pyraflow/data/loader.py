@@ -53,7 +53,8 @@ class BatcherSampler:
 
 
 class PlannedRows(torch.utils.data.Dataset):
-    """Reads a plan's rows and builds its batch: ``build(plan, latents (B, C, T, h, w), captions) -> (batch, tokens)``."""
+    """Reads a plan's rows and builds its batch: ``build(plan, latents (one (C, T, h, w) each), captions) -> (batch,
+    tokens)``."""
 
     def __init__(self, data, build: Callable):
         self.data, self.build = data, build
@@ -65,7 +66,7 @@ class PlannedRows(torch.utils.data.Dataset):
         raise TypeError("PlannedRows reads whole batches; use it with BatcherSampler.")
 
     def __getitems__(self, plan: BatchPlan) -> LoadedBatch:
-        latents = torch.stack([self.data.latent(i) for i in plan])
+        latents = [self.data.latent(i) for i in plan]
         captions = [self.data.text(i) for i in plan]
         batch, tokens = self.build(plan, latents, captions)
         return LoadedBatch(batch, plan.index, plan.state, tokens)

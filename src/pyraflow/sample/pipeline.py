@@ -39,54 +39,79 @@ class Pipeline:
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.latent_space.decode(latents).clamp(-1, 1).cpu()
 
+    def latent_shape(self, size: tuple[int, int] | None = None, frames: int | None = None) -> tuple[int, int, int, int]:
+        """(C, T, h, w) of the latents of a picture of ``size`` = (height, width) pixels (default: the run's square),
+        refusing a size the pyramid cannot halve cleanly and naming the nearest one it can."""
+        cfg = self.config
+        c, t, h, w = cfg.latent_shape()
+        if size is not None:
+            height, width = size
+            if (height, width) != cfg.valid_size(height, width):
+                valid = cfg.valid_size(height, width)
+                raise ValueError(
+                    f"{height}x{width} pixels cannot be halved cleanly through {cfg.schedule.stages} stages with patch "
+                    f"{cfg.model.patch_size}: height and width must be multiples of {cfg.bucket_multiple()}; the nearest "
+                    f"size is {valid[0]}x{valid[1]} (--height {valid[0]} --width {valid[1]}).")
+            downsample = cfg.latent.resolved_downsample()
+            h, w = height // downsample, width // downsample
+        return (c, frames or t, h, w)
+
     def generate(self, prompts: list[str], seed: int = 0, steps: list[int] | None = None,
-                 guidance: float | None = None, solver: str | None = None,
-                 on_stage_end=None) -> tuple[torch.Tensor, list[float]]:
+                 guidance: float | None = None, solver: str | None = None, on_stage_end=None,
+                 size: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[float]]:
         """One sample per prompt -> (pixels (B, C, T, H, W) in [-1, 1], seconds per stage). Same seed, same pixels.
 
-        Runs trained on video units generate their clip length autoregressively (seconds are then per unit).
-        on_stage_end(k, latents): sees the latents at the end of each stage (images only).
+        size: (height, width) in pixels, any the pyramid can halve (default: the run's square size). Runs trained on
+        video units generate their clip length autoregressively (seconds are then per unit).
+        on_stage_end(k, latents): sees the latents at the end of each stage.
         """
         if self.config.video_units():
-            return self.video(prompts, self.config.data.frames, seed, steps=steps, guidance=guidance)
+            return self.video(prompts, self.config.data.frames, seed, steps=steps, guidance=guidance, size=size,
+                              on_stage_end=on_stage_end)
         sc = self.config.sample
         text = self.text_encoder.encode(list(prompts))
-        latents, timings = sample_pyramid(self.model, self.schedule, text, self.null, self.config.latent_shape(),
+        latents, timings = sample_pyramid(self.model, self.schedule, text, self.null, self.latent_shape(size),
                                           steps or sc.steps_per_stage(self.schedule.num_stages),
                                           sc.guidance if guidance is None else guidance, self._generator(seed),
                                           solver or sc.solver, on_stage_end)
         return self._decode(latents), timings
 
     def max_frames(self) -> int:
-        return self.config.video.max_frames or self.config.data.frames
+        return self.config.video.max_frames or max(self.config.data.clip_lengths())
 
     def video(self, prompts: list[str], frames: int, seed: int = 0, image: torch.Tensor | None = None,
               steps: list[int] | None = None, guidance: float | None = None, allow_longer: bool = False,
-              use_cache: bool | None = None, on_stage_end=None) -> tuple[torch.Tensor, list[float]]:
+              use_cache: bool | None = None, on_stage_end=None,
+              size: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[float]]:
         """``frames`` frames per prompt, unit by unit -> (pixels (B, C, frames, H, W) in [-1, 1], seconds per unit).
 
-        image: (C, H, W) pixels in [-1, 1] used as the first frame of every video (image-to-video).
+        image: (C, H, W) pixels in [-1, 1] used as the first frame of every video (image-to-video); size: (height,
+        width) pixels (default: the run's square size, or the image's).
         """
         cfg, vc = self.config, self.config.video
-        c, trained, h, w = cfg.latent_shape()
+        if size is None and image is not None and cfg.data.bucketed:
+            size = tuple(image.shape[1:])
+        c, _, h, w = self.latent_shape(size)
+        trained = max(cfg.data.clip_lengths())
         if vc.unit_frames is None:
             if frames != trained or image is not None:
                 raise ValueError(
                     f"this run was trained on whole {trained}-frame samples (video.unit_frames unset), so it makes exactly "
                     f"{trained} frames and cannot start from an image; train with video.unit_frames for --frames/--image."
                 )
-            return self.generate(prompts, seed, steps, guidance)
+            return self.generate(prompts, seed, steps, guidance, size=size)
         if frames > self.max_frames() and not allow_longer:
             raise ValueError(
                 f"--frames {frames} is longer than this run's limit of {self.max_frames()} frames (its training clips); "
                 "ask for fewer, or add --allow-longer to go on with the history limited to the trained units."
             )
         if image is not None:
-            size = cfg.data.image_size
-            if tuple(image.shape) != (cfg.data.channels, size, size):
+            downsample = cfg.latent.resolved_downsample()
+            height, width = h * downsample, w * downsample
+            if tuple(image.shape) != (cfg.data.channels, height, width):
                 raise ValueError(
-                    f"--image has shape {tuple(image.shape)} (channels, height, width) but this run makes "
-                    f"{cfg.data.channels}x{size}x{size} frames; give a {size}x{size} image."
+                    f"--image has shape {tuple(image.shape)} (channels, height, width) but these videos have "
+                    f"{cfg.data.channels}x{height}x{width} frames; give a {height}x{width} image."
                 )
         units = -(-(frames - 1) // vc.unit_frames)  # units after the first frame, rounded up
         total = 1 + units * vc.unit_frames
@@ -110,11 +135,13 @@ class Pipeline:
         return pixels, timings
 
     def grid(self, prompts: list[str], per_prompt: int, path: Path, seed: int | None = None,
-             steps: list[int] | None = None, guidance: float | None = None) -> list[float]:
+             steps: list[int] | None = None, guidance: float | None = None,
+             size: tuple[int, int] | None = None) -> list[float]:
         """``per_prompt`` samples for each prompt, one row per prompt, saved as one PNG (videos: a contact
         sheet PNG and a GIF beside it)."""
         seed = self.config.sample.seed if seed is None else seed
-        pixels, timings = self.generate([p for p in prompts for _ in range(per_prompt)], seed, steps, guidance)
+        pixels, timings = self.generate([p for p in prompts for _ in range(per_prompt)], seed, steps, guidance,
+                                        size=size)
         write_grid(pixels, path, rows=len(prompts))
         return timings
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -106,10 +107,23 @@ def _out_of_time(trainer: Trainer, started: float, minutes: float) -> bool:
     return bool(late.item())
 
 
+def grid_sizes(trainer: Trainer) -> list[tuple[str, tuple[int, int] | None]]:
+    """(file suffix, (height, width)) of the grids a run writes: its one size, or, with aspect buckets, the most
+    portrait, the squarest and the most landscape bucket."""
+    buckets = trainer.buckets
+    if len(buckets) == 1 or not trainer.config.data.bucketed:
+        return [("", None)]
+    portrait = min(buckets, key=lambda b: b.aspect)
+    square = min(buckets, key=lambda b: abs(math.log(b.aspect)))
+    landscape = max(buckets, key=lambda b: b.aspect)
+    chosen = list(dict.fromkeys([portrait, square, landscape]))
+    return [(f"-{b.height}x{b.width}", (b.height, b.width)) for b in chosen]
+
+
 def write_training_grid(trainer: Trainer, path: Path) -> list[float] | None:
-    """A sample grid from the EMA weights on the training device. Under torchrun the rows are spread over the ranks
-    (each samples its share with seed + rank) and rank 0 writes the grid, so no rank waits on another for long.
-    Returns seconds per stage (of rank 0's share) on rank 0."""
+    """Sample grids from the EMA weights on the training device (one per grid size). Under torchrun the rows are
+    spread over the ranks (each samples its share with seed + rank) and rank 0 writes the grid, so no rank waits on
+    another for long. Returns seconds per stage (of rank 0's share of the first grid) on rank 0."""
     from pyraflow.media import write_grid
     from pyraflow.sample import Pipeline
 
@@ -123,18 +137,21 @@ def write_training_grid(trainer: Trainer, path: Path) -> list[float] | None:
     rows = [p for p in prompts for _ in range(sc.per_prompt)]
     share = rows[info.rank :: info.world_size]
     pipeline = Pipeline(trainer.config, model, trainer.schedule, trainer.text_encoder, trainer.latent_space, trainer.null)
-    pixels, timings = pipeline.generate(share, sc.seed + info.rank) if share else (None, None)
-    if info.enabled:
-        import torch.distributed as dist
+    first = None
+    for suffix, size in grid_sizes(trainer):
+        pixels, timings = pipeline.generate(share, sc.seed + info.rank, size=size) if share else (None, None)
+        first = timings if first is None else first
+        if info.enabled:
+            import torch.distributed as dist
 
-        gathered = [None] * info.world_size
-        dist.gather_object(pixels, gathered if info.is_main else None, dst=0)
+            gathered = [None] * info.world_size
+            dist.gather_object(pixels, gathered if info.is_main else None, dst=0)
+            if info.is_main:
+                pixels = torch.empty(len(rows), *gathered[0].shape[1:])
+                for rank, part in enumerate(gathered):
+                    if part is not None:
+                        pixels[rank :: info.world_size] = part
         if info.is_main:
-            pixels = torch.empty(len(rows), *gathered[0].shape[1:])
-            for rank, part in enumerate(gathered):
-                if part is not None:
-                    pixels[rank :: info.world_size] = part
-    if info.is_main:
-        write_grid(pixels, path, rows=len(prompts))
+            write_grid(pixels, path.with_name(path.stem + suffix + path.suffix), rows=len(prompts))
     barrier(info)
-    return timings if info.is_main else None
+    return first if info.is_main else None

@@ -39,45 +39,64 @@ class ExampleBuilder:
         self.config, self.schedule, self.classes, self.null, self.images = config, schedule, classes, null, images
         self.rank = rank
 
-    def __call__(self, plan, clean: torch.Tensor, captions: list[Caption]) -> tuple[PackedBatch, int]:
-        """plan: a BatchPlan (sample ids, classes, index); clean: (B, C, T, H, W); captions: one per sample."""
+    def __call__(self, plan, latents: list[torch.Tensor], captions: list[Caption]) -> tuple[PackedBatch, int]:
+        """plan: a BatchPlan (sample ids, classes, index); latents: one (C, T, H, W) per sample (shapes may differ
+        across buckets); captions: one per sample."""
         cfg = self.config
         g = batch_generator(cfg.train.seed, self.rank, plan.index)
         stages = torch.tensor([self.classes.stages[c] for c in plan.classes])
+        groups = shape_groups(latents)  # rows of equal shape, each computed in one vectorised pass
 
         def dropout(captions: list[Caption]) -> tuple[list[Caption], torch.Tensor]:
             drop = torch.rand(len(captions), generator=g) < cfg.train.text_dropout
             return [self.null if drop[row] else c for row, c in enumerate(captions)], drop
 
+        examples = []
         if cfg.video_units():
             units = torch.tensor([self.classes.units[c] for c in plan.classes])
             captions, dropped = dropout(captions)
+            clean = [torch.stack([latents[i] for i in rows]) for rows in groups]
             if self.images is not None:
-                self._swap_in_images(clean, units, captions, dropped, g)
-            spans = unit_spans(cfg.data.frames, cfg.video.unit_frames)
-            examples = unit_examples(self.schedule, clean, stages, units, spans, cfg.video, captions, g)
+                for rows, group in zip(groups, clean):
+                    self._swap_in_images(group, units[rows], dropped[rows], g, captions, rows)
+            for rows, group in zip(groups, clean):
+                spans = unit_spans(group.shape[2], cfg.video.unit_frames)
+                examples += unit_examples(self.schedule, group, stages[rows], units[rows], spans, cfg.video,
+                                          [captions[i] for i in rows], g)
         else:
-            noise = torch.randn(clean.shape, generator=g)
-            r = self.schedule.sample_r(len(clean), g)
+            clean = [torch.stack([latents[i] for i in rows]) for rows in groups]
+            noise = [torch.randn(group.shape, generator=g) for group in clean]
+            r = self.schedule.sample_r(len(latents), g)
             captions, _ = dropout(captions)
-            examples = image_examples(self.schedule, clean, stages, noise, r, captions)
+            for rows, group, group_noise in zip(groups, clean, noise):
+                examples += image_examples(self.schedule, group, stages[rows], group_noise, r[rows],
+                                           [captions[i] for i in rows])
         m = cfg.model
         packed = pack(examples, self.schedule.num_stages, m.patch_size, m.in_channels, m.text_dim, m.pooled_dim)
         return packed, packed.layout.num_visual + packed.layout.num_text
 
-    def _swap_in_images(self, clean: torch.Tensor, units: torch.Tensor, captions: list, dropped: torch.Tensor,
-                        g: torch.Generator) -> None:
+    def _swap_in_images(self, clean: torch.Tensor, units: torch.Tensor, dropped: torch.Tensor, g: torch.Generator,
+                        captions: list, rows: list[int]) -> None:
         """Give a share of the image examples (unit 0) an image and caption of video.image_dataset instead of a
-        clip's first frame, in place in ``clean`` and ``captions`` (captions stay null where dropout chose so)."""
+        clip's first frame, in place in ``clean`` (one shape group) and ``captions`` (captions stay null where
+        dropout chose so)."""
         pick = (units == 0) & (torch.rand(len(units), generator=g) < self.config.video.image_dataset_share)
-        rows = pick.nonzero().flatten()
-        if not len(rows):
+        picked = pick.nonzero().flatten()
+        if not len(picked):
             return
-        chosen = torch.randint(len(self.images), (len(rows),), generator=g)
-        for row, j in zip(rows.tolist(), chosen.tolist()):
-            clean[row, :, 0] = self.images.latent(j)[:, 0]
-            if not dropped[row]:
-                captions[row] = self.images.text(j)
+        chosen = torch.randint(len(self.images), (len(picked),), generator=g)
+        for j, image in zip(picked.tolist(), chosen.tolist()):
+            clean[j, :, 0] = self.images.latent(image)[:, 0]
+            if not dropped[j]:
+                captions[rows[j]] = self.images.text(image)
+
+
+def shape_groups(latents: list[torch.Tensor]) -> list[list[int]]:
+    """Row indices of the latents grouped by shape, groups in order of first appearance."""
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(latents):
+        groups.setdefault(tuple(x.shape), []).append(i)
+    return list(groups.values())
 
 
 def image_examples(schedule: PyramidSchedule, clean: torch.Tensor, stages: torch.Tensor, noise: torch.Tensor,

@@ -36,17 +36,20 @@ class TrainingStopped(RuntimeError):
     """Raised after repeated non-finite steps; the state was saved first."""
 
 
-def load_run_data(config: Config, text_encoder, latent_space, info: DistributedInfo, progress: bool):
-    """Encoded training data: the prepared cache in data.cache (built first if absent), read row by row; or,
-    without a cache, the dataset encoded in memory."""
+def load_run_data(config: Config, text_encoder, latent_space, info: DistributedInfo, progress: bool, buckets,
+                  run_dir: Path):
+    """Encoded training data: the prepared cache in data.cache (built first if absent; data with buckets without a
+    data.cache gets one in the run directory), read row by row; or the dataset encoded in memory."""
     from pyraflow.data import encode_dataset, load_cache, prepare
 
-    if config.data.cache:
-        cache = Path(config.data.cache)
+    if config.data.cache or config.data.bucketed:
+        cache = Path(config.data.cache or run_dir / "cache")
         if info.is_main and not (cache / "complete.json").is_file():
-            prepare(config.data, cache, text_encoder, latent_space, progress)
+            prepare(config.data, cache, text_encoder, latent_space, progress, buckets)
         barrier(info)
-        data = load_cache(cache, config.data, text_encoder.identity, latent_space.identity, config.latent_shape())
+        channels, downsample = config.latent_channels(), config.latent.resolved_downsample()
+        data = load_cache(cache, config.data, text_encoder.identity, latent_space.identity,
+                          [b.shape(channels, downsample) for b in buckets], buckets)
         if data.bad_shards and info.is_main:
             log.warning("training without %d unreadable shard(s) of %s (%d samples)", len(data.bad_shards), cache,
                         data.skipped_samples)
@@ -58,7 +61,7 @@ class Trainer:
     def __init__(self, config: Config, out_dir: str | Path, resume: bool = False, progress: bool = True,
                  info: DistributedInfo | None = None):
         """info: the run's process group (see parallelize.process_group); None joins the one torchrun describes."""
-        from pyraflow.data import encode_dataset
+        from pyraflow.data import encode_dataset, resolve_buckets
         from pyraflow.latents import build_latent_space
         from pyraflow.text import load_text_encoder
 
@@ -74,7 +77,9 @@ class Trainer:
         self.text_encoder = load_text_encoder(config.text)
         self._check_text_widths()
         self.latent_space = build_latent_space(config.latent, info.device)
-        self.data = load_run_data(config, self.text_encoder, self.latent_space, info, self.progress)
+        self.buckets = resolve_buckets(config)
+        self.data = load_run_data(config, self.text_encoder, self.latent_space, info, self.progress, self.buckets,
+                                  self.out)
         image_data = config.image_data()
         self.images = None if image_data is None else encode_dataset(
             image_data, self.text_encoder, self.latent_space, progress=self.progress)
@@ -90,11 +95,12 @@ class Trainer:
         self.ema = [p.detach().clone().float() for p in self.params]
         self.optimizer = make_optimizer(self.params, tc.lr, tc.weight_decay, self.sharded)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(tc, s))
-        self.classes = example_classes(config)
+        self.classes = example_classes(config, self.buckets, self.data.pool_sizes)
         self.mix = self.classes.mix
         self._check_mix_delay()
-        self.batcher = TokenBudgetBatcher(config.batching, self.classes.segment_tokens, self.mix, len(self.data),
-                                          info.rank, info.world_size, self.classes.names())
+        self.batcher = TokenBudgetBatcher(config.batching, self.classes.segment_tokens, self.mix, self.data.pool_sizes,
+                                          info.rank, info.world_size, self.classes.names(), self.classes.buckets,
+                                          self.data.pool_ids)
         self.builder = ExampleBuilder(config, self.schedule, self.classes, self.null.item(0), self.images, info.rank)
         self.position = self.batcher.state_dict()  # the batcher's state after the last consumed batch
         self._batches = None  # the loader's iterator, started by the first step (after a resume has loaded state)
