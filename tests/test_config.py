@@ -53,3 +53,11 @@ def test_bad_files(tmp_path):
     unknown.write_text("scheduler:\n  stages: 3\n")
     with pytest.raises(ValueError, match="Did you mean 'schedule'"):
         load_config(unknown)
+
+
+def test_yaml_reads_ratios_as_text_and_exponents_as_numbers():
+    from pyraflow.config.loading import load_yaml
+
+    assert load_yaml("[1:2, 3e-4, 6E-4, 1e3, 1.5, 7, abc]") == ["1:2", 3e-4, 6e-4, 1000.0, 1.5, 7, "abc"]
+    config = load_config(None, ["train.lr=6e-4", "data.aspect_buckets=[3:4, 1:1]"])
+    assert config.train.lr == 6e-4 and config.data.aspect_buckets == ["3:4", "1:1"]

@@ -15,7 +15,8 @@ import yaml
 
 
 class ConfigLoader(yaml.SafeLoader):
-    """YAML 1.1 without its base-60 numbers: ``1:2`` stays the string "1:2" (an aspect ratio), not the integer 62."""
+    """YAML 1.1 without its base-60 numbers (``1:2`` stays the string "1:2", an aspect ratio, not the integer 62) and
+    with YAML 1.2's floats (``3e-4`` is a number)."""
 
 
 ConfigLoader.yaml_implicit_resolvers = {
@@ -25,7 +26,8 @@ ConfigLoader.yaml_implicit_resolvers = {
 }
 _NUMBER_WITHOUT_COLON = {
     "tag:yaml.org,2002:int": re.compile(r"""^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$""", re.X),
-    "tag:yaml.org,2002:float": re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+    # YAML 1.2's floats: 3e-4 is a number, as a reader expects (YAML 1.1 wants 3.0e-4)
+    "tag:yaml.org,2002:float": re.compile(r"""^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?
         |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
 }
 for _tag, _regexp in _NUMBER_WITHOUT_COLON.items():
