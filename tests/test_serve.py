@@ -124,3 +124,19 @@ def test_serve_refuses_a_port_in_use_and_binds_to_this_machine_by_default(run, c
         port = taken.getsockname()[1]
         assert main(["serve", "--checkpoint", str(run), "--port", str(port)]) == 2
     assert "pass another --port" in capsys.readouterr().err
+
+
+def test_a_video_run_serves_a_gif_and_refuses_frames_it_cannot_make(tmp_path):
+    from pyraflow.sample import load_pipeline
+    from pyraflow.serve import Generator
+    from test_video import TINY_VIDEO
+
+    run = tmp_path / "video-run"
+    run_training(load_config(None, TINY_VIDEO), run, max_steps=1, progress=False)
+    generator = Generator(load_pipeline(run, "cpu"), tmp_path / "serve")
+    progress = []
+    result = generator("a cartoon rabbit", 1, 1, 2.0, 0, frames=5, on_stage=lambda done, k: progress.append(done))
+    assert Image.open(result["video"]).n_frames == 5 and result["picture"].endswith("contact-sheet.png")
+    assert progress == list(range(1, 3 * 3 + 1))  # 3 units (first frame + 2 units of 2) x 3 stages
+    with pytest.raises(ValueError, match="this run makes 1 to 5 frames"):
+        generator.check("a cartoon rabbit", 1, 1, 2.0, 0, 9, None)
