@@ -82,7 +82,8 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_leaves_import_no_other_pyraflow_module():
     graph = import_graph()
-    for leaf in ("pyraflow.config.sections", "pyraflow.config.loading", "pyraflow.storage"):
+    for leaf in ("pyraflow.config.buckets", "pyraflow.config.loading", "pyraflow.storage"):
         assert graph[leaf] == set(), f"{leaf} imports {graph[leaf]}"
-    assert graph["pyraflow.config"] <= {"pyraflow.config.loading", "pyraflow.config.sections"}
+    assert graph["pyraflow.config.sections"] <= {"pyraflow.config.buckets"}
+    assert graph["pyraflow.config"] <= {"pyraflow.config.loading", "pyraflow.config.sections", "pyraflow.config.buckets"}
     assert graph["pyraflow.schedule"] <= {"pyraflow.config"}

@@ -13,7 +13,8 @@ Backends:
   prefix   video sampling with a history cache: a unit's tokens attend to cached text and history keys/values.
 
 Temporal-causal masking (optional, every backend): a visual token of causal step f sees its segment's text and
-steps <= f; text sees only text, so text carries no information from later frames to earlier ones.
+steps <= f; text sees only text, so text carries no information from later frames to earlier ones. (The released
+Pyramid Flow models were trained with text at step 0, seeing the first frame too: ``text_step=0`` reproduces that.)
 
 Index tensors are built on the host from the layout's metadata and moved to the device once per batch, so no
 backend synchronises with the device while a step runs.
@@ -61,14 +62,15 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype = torch.
 
 
 def build_attention(layout: Layout, backend: str, causal: bool, device: torch.device,
-                    varlen_kernel: VarlenKernel | None = None) -> Attention:
-    """The attention of one batch for a resolved backend name (see ``resolve_backend``)."""
+                    varlen_kernel: VarlenKernel | None = None, text_step: int = -1) -> Attention:
+    """The attention of one batch for a resolved backend name (see ``resolve_backend``). text_step: the causal step
+    of text tokens (-1: text sees only text)."""
     if backend == "grouped":
-        return GroupedAttention(layout, causal, device)
+        return GroupedAttention(layout, causal, device, text_step)
     if backend == "flex":
-        return FlexAttention(layout, causal, device)
+        return FlexAttention(layout, causal, device, text_step)
     if backend == "flash":
-        return FlashAttention(layout, causal, device, varlen_kernel)
+        return FlashAttention(layout, causal, device, varlen_kernel, text_step)
     raise ValueError(f"unknown attention backend {backend!r}; use one of {', '.join(ATTENTION_BACKENDS[1:])}.")
 
 
@@ -90,9 +92,9 @@ def text_batch(text: torch.Tensor, text_lengths: list[int], padded: bool) -> tor
     return text.view(len(text_lengths), -1, *text.shape[1:])
 
 
-def joint_order(layout: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def joint_order(layout: Layout, text_step: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host tensors over the joint sequence ([text_b; visual_b] per segment): the stream index of each joint
-    token (text stream first, then visual), its segment, and its causal step (-1 for text)."""
+    token (text stream first, then visual), its segment, and its causal step (text_step for text)."""
     nt = layout.num_text
     pieces, segment, causal = [], [], []
     for b in range(layout.num_segments):
@@ -100,15 +102,15 @@ def joint_order(layout: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
         v0, v1 = layout.visual_offsets[b], layout.visual_offsets[b + 1]
         pieces += [torch.arange(t0, t1), torch.arange(nt + v0, nt + v1)]
         segment.append(torch.full((t1 - t0 + v1 - v0,), b))
-        causal += [torch.full((t1 - t0,), -1), layout.causal_index[v0:v1]]
+        causal += [torch.full((t1 - t0,), text_step), layout.causal_index[v0:v1]]
     return torch.cat(pieces), torch.cat(segment), torch.cat(causal)
 
 
 class JointOrder:
     """Moves the two streams into joint order and back (flex and flash attend over one joint sequence)."""
 
-    def __init__(self, layout: Layout, device: torch.device):
-        joint, self.segment, self.causal = joint_order(layout)
+    def __init__(self, layout: Layout, device: torch.device, text_step: int = -1):
+        joint, self.segment, self.causal = joint_order(layout, text_step)
         inverse = torch.empty_like(joint)
         inverse[joint] = torch.arange(len(joint))
         self.num_text = layout.num_text
@@ -146,7 +148,7 @@ class GroupSlices:
 class GroupedAttention:
     """Each group as one (G, heads, L, head_dim) SDPA call, built from contiguous views and one cat."""
 
-    def __init__(self, layout: Layout, causal: bool, device: torch.device):
+    def __init__(self, layout: Layout, causal: bool, device: torch.device, text_step: int = -1):
         self.groups: list[GroupSlices] = []
         for group in layout.groups:
             first, last = group.segments.start, group.segments.stop
@@ -155,7 +157,7 @@ class GroupedAttention:
             valid = valid_keys(text_lengths, lv)
             if causal:  # the group signature includes the causal structure, so its first segment's holds for all
                 v0 = layout.visual_offsets[first]
-                step = torch.cat([torch.full((lt,), -1), layout.causal_index[v0 : v0 + lv]])
+                step = torch.cat([torch.full((lt,), text_step), layout.causal_index[v0 : v0 + lv]])
                 mask = (valid[:, None, :] & (step[None, :] <= step[:, None])[None]).unsqueeze(1)  # (G, 1, L, L)
             elif min(text_lengths) == lt:
                 mask = None
@@ -196,10 +198,10 @@ _compiled_flex: Callable | None = None
 class FlexAttention:
     """FlexAttention over the joint sequence with one document (and causal) BlockMask per batch."""
 
-    def __init__(self, layout: Layout, causal: bool, device: torch.device):
+    def __init__(self, layout: Layout, causal: bool, device: torch.device, text_step: int = -1):
         from torch.nn.attention.flex_attention import create_block_mask
 
-        self.order = JointOrder(layout, device)
+        self.order = JointOrder(layout, device, text_step)
         segment, step = self.order.segment.to(device), self.order.causal.to(device)
 
         def document(b, h, q, k):
@@ -241,8 +243,9 @@ class FlashAttention:
     into query chunks (its text, then each causal step) and every chunk attends to the prefix of its segment up
     to its own step, gathered as its own key sequence. All indices are built on the host, moved once."""
 
-    def __init__(self, layout: Layout, causal: bool, device: torch.device, kernel: VarlenKernel | None = None):
-        self.order = JointOrder(layout, device)
+    def __init__(self, layout: Layout, causal: bool, device: torch.device, kernel: VarlenKernel | None = None,
+                 text_step: int = -1):
+        self.order = JointOrder(layout, device, text_step)
         self.kernel = kernel
         lengths = [t + v for t, v in zip(layout.text_lengths, layout.visual_lengths)]
         starts = [0]

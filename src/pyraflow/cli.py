@@ -106,6 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--stages", metavar="FILE.png",
                           help="also measure high-frequency energy at every stage's end and write a grid of the stages")
 
+    convert = commands.add_parser("convert", help="released Pyramid Flow transformers to pyraflow and back")
+    convert.add_argument("source", metavar="SOURCE", help="with --from: a released diffusion_transformer_* folder; with "
+                         "--to: a pyraflow run, checkpoint or model directory")
+    direction = convert.add_mutually_exclusive_group()
+    direction.add_argument("--from", dest="from_format", choices=("pyramid-flow",),
+                           help="SOURCE is a released folder; write a pyraflow model directory (train.init_from reads it)")
+    direction.add_argument("--to", dest="to_format", choices=("pyramid-flow",),
+                           help="write a folder the reference's from_pretrained loads (config.json + safetensors)")
+    convert.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+    convert.add_argument("--merge-lora", action="store_true",
+                         help="SOURCE is a LoRA run: fold its adapters into the base (train.init_from) and write the whole "
+                              "model (a pyraflow model directory, or with --to a released folder)")
+    convert.add_argument("--raw", action="store_true", help="from a checkpoint: its raw weights, not the EMA")
+    convert.add_argument("--dtype", choices=("keep", "fp32", "bf16"), default="keep",
+                         help="tensor dtype to write (default: as stored)")
+    convert.add_argument("--shard-gb", type=float, default=10.0, help="--to: largest shard in GB (default 10)")
+
     serve = commands.add_parser("serve", help="a page in the browser to sample from a run (Gradio)")
     serve.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory or checkpoints/step-N")
     serve.add_argument("--host", default="127.0.0.1",
@@ -130,6 +147,59 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S", help="seeds for --full (default 0)")
     bench.add_argument("--out", default="runs/quality-study", metavar="DIR", help="run directories for --full")
     return parser
+
+
+def _convert(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from pyraflow import interop
+
+    dtype = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    out = Path(args.out)
+    if not (args.from_format or args.to_format or args.merge_lora):
+        raise ValueError("say what to convert: --from pyramid-flow (a released folder), --to pyramid-flow (a pyraflow "
+                         "model) or --merge-lora (a LoRA run).")
+    if args.from_format:
+        if args.merge_lora:
+            raise ValueError("--merge-lora reads a pyraflow LoRA run; it does not go with --from.")
+        config = interop.import_reference(args.source, out, dtype)
+        print(f"pyraflow convert: {args.source} -> {out} (model.arch {config.arch}, {config.depth} + "
+              f"{config.single_depth} blocks, width {config.width}); train from it with train.init_from={out}")
+        return 0
+    source = Path(args.source)
+    weights = "model.safetensors" if args.raw else "ema.safetensors"
+    if (source / "checkpoints").is_dir() or (source / "run.yaml").is_file():
+        from pyraflow.checkpoint import resolve_checkpoint
+
+        source = resolve_checkpoint(source, ("config.json", "run.yaml", weights))
+    elif not (source / weights).is_file():
+        weights = "model.safetensors"  # a model directory (save_pretrained, pyraflow convert --from)
+    if args.merge_lora:
+        from pyraflow.config import load_config
+        from pyraflow.lora import merge_adapters, trained_model
+
+        if not (source / "run.yaml").is_file():
+            raise ValueError(f"--merge-lora: {source} is not a run or checkpoint (no run.yaml); point at a LoRA run.")
+        config = load_config(source / "run.yaml")
+        if not config.train.lora.rank:
+            raise ValueError(f"--merge-lora: {source} was trained without LoRA (train.lora.rank 0); its weights are "
+                             "whole already: convert it without --merge-lora.")
+        model = merge_adapters(trained_model(source, config, weights))
+        state = {k: (v if dtype is None else v.to(dtype)) for k, v in model.state_dict().items()}
+        if args.to_format:
+            reference = interop.write_reference(model.config, iter(state.items()), out, int(args.shard_gb * 2**30))
+            print(f"pyraflow convert: {source / weights} + {config.train.init_from} -> {out} ({reference['_class_name']}, "
+                  "adapters merged)")
+        else:
+            (model if dtype is None else model.to(dtype)).save_pretrained(out)
+            print(f"pyraflow convert: {source / weights} + {config.train.init_from} -> {out} (adapters merged)")
+        return 0
+    reference = interop.export_reference(source, out, weights, dtype, int(args.shard_gb * 2**30))
+    print(f"pyraflow convert: {source / weights} -> {out} ({reference['_class_name']}); the reference loads it with "
+          f"{reference['_class_name']}.from_pretrained('{out}')")
+    return 0
 
 
 def _train(args) -> int:
@@ -234,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             return _prepare(args)
         elif args.command == "sample":
             return _sample(args)
+        elif args.command == "convert":
+            return _convert(args)
         elif args.command == "serve":
             from pyraflow.serve import serve
 

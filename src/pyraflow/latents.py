@@ -68,7 +68,17 @@ class PreparedLatents:
     def __init__(self, config: LatentConfig):
         self.scale = 1.0 if config.scale is None else config.scale
         self.shift = 0.0 if config.shift is None else config.shift
+        self.video_scale = self.scale if config.video_scale is None else config.video_scale
+        self.video_shift = self.shift if config.video_shift is None else config.video_shift
         self.identity = f"vae:prepared:{config.channels}x{config.downsample}:{self.scale}:{self.shift}"
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents (C, T, H, W) -> the model's latents: (z - shift) * scale, a clip's later frames with the
+        video factors (as the reference normalises the output of its causal VAE)."""
+        out = torch.empty_like(raw, dtype=torch.float32)
+        out[:, :1] = (raw[:, :1].float() - self.shift) * self.scale
+        out[:, 1:] = (raw[:, 1:].float() - self.video_shift) * self.video_scale
+        return out
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         raise ValueError("latent.path is not set, so images cannot be encoded; point latent.path at the AutoencoderKL.")

@@ -203,7 +203,120 @@ def timestep_embedding(t: torch.Tensor, dim: int = TIMESTEP_FEATURES, max_period
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-class MultiStageMMDiT(nn.Module):
+class PackedTransformer(nn.Module):
+    """What every architecture shares: it takes one PackedBatch and returns one tensor aligned with its visual
+    tokens; per batch it prepares the attention (any backend), its RoPE rotations and the modulation layout; it caches
+    a video unit's text and history keys/values; it saves and loads itself. Subclasses define ``rope_for`` (their
+    positions), ``text_step`` (text's causal step) and ``forward``."""
+
+    config: ModelConfig
+    arch = "mmdit"  # the model.arch this class implements
+    text_step = -1  # text sees only text
+    caches_history = True  # text and history do not depend on the predicted latent's timestep, so can be cached
+
+    def rope_for(self, layout: Layout, device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check(self, batch: PackedBatch) -> None:
+        cfg = self.config
+        patch_dim = cfg.in_channels * cfg.patch_size**2
+        if batch.layout.patch_size != cfg.patch_size:
+            raise ValueError(f"batch was packed with patch size {batch.layout.patch_size}, model uses {cfg.patch_size}.")
+        if batch.visual.shape[-1] != patch_dim:
+            raise ValueError(
+                f"visual tokens are {batch.visual.shape[-1]} wide; the model expects {patch_dim} "
+                f"({cfg.in_channels} channels x {cfg.patch_size}x{cfg.patch_size} patches)."
+            )
+        if batch.text.shape[-1] != cfg.text_dim:
+            raise ValueError(f"text tokens are {batch.text.shape[-1]} wide; the model expects {cfg.text_dim}.")
+        if batch.pooled.shape[-1] != cfg.pooled_dim:
+            raise ValueError(f"pooled text is {batch.pooled.shape[-1]} wide; the model expects {cfg.pooled_dim}.")
+
+    def prepare(self, layout: Layout, device: torch.device, dtype: torch.dtype = torch.float32,
+                prefix: PrefixCache | None = None) -> Context:
+        """Attention, RoPE tables and modulation layout for one batch (reusable across forwards)."""
+        cfg = self.config
+        if prefix is not None:
+            attention = PrefixAttention(layout, prefix.layout, device)
+        else:
+            attention = build_attention(layout, resolve_backend(cfg.attention, device, dtype), cfg.temporal_causal, device,
+                                        text_step=self.text_step)
+        return Context(layout, attention, self.rope_for(layout, device), device)
+
+    def _context(self, batch: PackedBatch, context: Context | None, prefix: PrefixCache | None) -> Context:
+        self._check(batch)
+        device = batch.visual.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else batch.visual.dtype
+        ctx = context or self.prepare(batch.layout, device, dtype, prefix)
+        if prefix is not None and not isinstance(ctx.attention, PrefixAttention):
+            raise ValueError("a prefix cache needs a context prepared with it: model.prepare(layout, device, prefix=cache).")
+        return ctx
+
+    def run_blocks(self, blocks, x_text, x_visual, cond_text, cond, ctx: Context, record: list | None):
+        """Both streams through ``blocks``; the first checkpoint_fraction of them recompute their activations in
+        backward."""
+        n_checkpointed = round(self.config.checkpoint_fraction * len(blocks))
+        for i, block in enumerate(blocks):
+            if i < n_checkpointed and torch.is_grad_enabled():
+                x_text, x_visual = checkpoint(block, x_text, x_visual, cond_text, cond, ctx, use_reentrant=False)
+            else:
+                x_text, x_visual = block(x_text, x_visual, cond_text, cond, ctx, record)
+        return x_text, x_visual
+
+    @torch.no_grad()
+    def prefix_cache(self, prefix: PackedBatch) -> PrefixCache:
+        """Run the text and history of a video unit once and keep every block's keys and values."""
+        if not self.config.temporal_causal:
+            raise ValueError("a history cache needs model.temporal_causal: true (history must not see the unit).")
+        if not self.caches_history:
+            raise ValueError(f"model.arch={self.arch!r} conditions its text and history on the current timestep (as the "
+                             "released model was trained), so they change every step: sample without the history cache.")
+        record: list = []
+        self.forward(prefix, record=record)
+        return PrefixCache(prefix.layout, record)
+
+    # ----- persistence -----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, weights: str = WEIGHTS) -> None:
+        """Write config.json and the weights (safetensors), each published atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        with atomic_path(directory / "config.json") as tmp:
+            tmp.write_text(json.dumps(asdict(self.config), indent=2))
+        with atomic_path(directory / weights) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, weights: str = WEIGHTS, **overrides) -> "PackedTransformer":
+        """Load a model written by save_pretrained (or a pyraflow checkpoint, whose EMA weights are
+        ``ema.safetensors``); ``overrides`` change runtime-only fields (e.g. attention). Every way the files can
+        be wrong (missing, not JSON, unknown fields, unreadable or mismatched weights) is a named error."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path, weights_path = directory / "config.json", directory / weights
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing; point at a directory written by save_pretrained.")
+        config = ModelConfig(**{**read_model_config(config_path), **overrides})
+        if config.arch != cls.arch:
+            raise ValueError(f"{directory} holds a model.arch={config.arch!r} model, not {cls.arch!r}; load it with "
+                             "pyraflow.archs.load_model, which picks the class.")
+        model = cls(config)
+        try:
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{weights_path} cannot be read ({err}); the checkpoint is corrupt.") from err
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights_path} does not match its config.json: missing {missing[:3]}, unexpected {unexpected[:3]}."
+            )
+        return model
+
+
+class MultiStageMMDiT(PackedTransformer):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = cfg = config
@@ -241,31 +354,9 @@ class MultiStageMMDiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def _check(self, batch: PackedBatch) -> None:
-        cfg = self.config
-        patch_dim = cfg.in_channels * cfg.patch_size**2
-        if batch.layout.patch_size != cfg.patch_size:
-            raise ValueError(f"batch was packed with patch size {batch.layout.patch_size}, model uses {cfg.patch_size}.")
-        if batch.visual.shape[-1] != patch_dim:
-            raise ValueError(
-                f"visual tokens are {batch.visual.shape[-1]} wide; the model expects {patch_dim} "
-                f"({cfg.in_channels} channels x {cfg.patch_size}x{cfg.patch_size} patches)."
-            )
-        if batch.text.shape[-1] != cfg.text_dim:
-            raise ValueError(f"text tokens are {batch.text.shape[-1]} wide; the model expects {cfg.text_dim}.")
-        if batch.pooled.shape[-1] != cfg.pooled_dim:
-            raise ValueError(f"pooled text is {batch.pooled.shape[-1]} wide; the model expects {cfg.pooled_dim}.")
-
-    def prepare(self, layout: Layout, device: torch.device, dtype: torch.dtype = torch.float32,
-                prefix: PrefixCache | None = None) -> Context:
-        """Attention, RoPE tables and modulation layout for one batch (reusable across forwards)."""
-        cfg = self.config
-        if prefix is not None:
-            attention = PrefixAttention(layout, prefix.layout, device)
-        else:
-            attention = build_attention(layout, resolve_backend(cfg.attention, device, dtype), cfg.temporal_causal, device)
-        rope = rope_tables(layout.positions.to(device), cfg.axes(), cfg.rope_theta)
-        return Context(layout, attention, rope, device)
+    def rope_for(self, layout: Layout, device: torch.device) -> torch.Tensor:
+        """Rotations at the packed positions: full-resolution token units, coarse tokens at their fine tokens' centre."""
+        return rope_tables(layout.positions.to(device), self.config.axes(), self.config.rope_theta)
 
     def forward(self, batch: PackedBatch, context: Context | None = None, prefix: PrefixCache | None = None,
                 record: list | None = None) -> torch.Tensor:
@@ -275,77 +366,23 @@ class MultiStageMMDiT(nn.Module):
         latents (no history) of the same segments, and its text is not recomputed.
         record: a list that receives every block's (k_text, v_text, k_visual, v_visual).
         """
-        self._check(batch)
+        ctx = self._context(batch, context, prefix)
         layout = batch.layout
         device = batch.visual.device
-        ctx = context or self.prepare(layout, device, torch.get_autocast_dtype(device.type)
-                                      if torch.is_autocast_enabled(device.type) else batch.visual.dtype, prefix)
         run_segment = layout.run_segment.to(device)
         cond = self.time_mlp(timestep_embedding(batch.timestep)) + self.pooled_mlp(batch.pooled)[run_segment]
         cond = F.silu(cond)  # (R, D), shared by every modulation layer
         x_visual = self.visual_in(batch.visual)  # (Nv, D)
         if prefix is not None:
-            if not isinstance(ctx.attention, PrefixAttention):
-                raise ValueError("a prefix cache needs a context prepared with it: model.prepare(layout, device, prefix=cache).")
             for block, cached in zip(self.blocks, prefix.blocks):
                 x_visual = block.forward_prefixed(x_visual, cond, ctx, cached)
         else:
             cond_text = cond[layout.text_run.to(device)]  # (B, D)
             x_text = self.text_in(batch.text)  # (Nt, D)
-            n_checkpointed = round(self.config.checkpoint_fraction * len(self.blocks))
-            for i, block in enumerate(self.blocks):
-                if i < n_checkpointed and torch.is_grad_enabled():
-                    x_text, x_visual = checkpoint(block, x_text, x_visual, cond_text, cond, ctx, use_reentrant=False)
-                else:
-                    x_text, x_visual = block(x_text, x_visual, cond_text, cond, ctx, record)
+            x_text, x_visual = self.run_blocks(self.blocks, x_text, x_visual, cond_text, cond, ctx, record)
         shift, scale = self.final_modulation(cond).chunk(2, dim=-1)
         h = ctx.visual.apply(_norm_modulate, (x_visual,), (shift, scale))
         return self.visual_out(h)  # (Nv, C * p * p)
-
-    @torch.no_grad()
-    def prefix_cache(self, prefix: PackedBatch) -> PrefixCache:
-        """Run the text and history of a video unit once and keep every block's keys and values."""
-        if not self.config.temporal_causal:
-            raise ValueError("a history cache needs model.temporal_causal: true (history must not see the unit).")
-        record: list = []
-        self.forward(prefix, record=record)
-        return PrefixCache(prefix.layout, record)
-
-    # ----- persistence -----------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, weights: str = WEIGHTS) -> None:
-        """Write config.json and the weights (safetensors), each published atomically."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        with atomic_path(directory / "config.json") as tmp:
-            tmp.write_text(json.dumps(asdict(self.config), indent=2))
-        with atomic_path(directory / weights) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp))
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, weights: str = WEIGHTS, **overrides) -> "MultiStageMMDiT":
-        """Load a model written by save_pretrained (or a pyraflow checkpoint, whose EMA weights are
-        ``ema.safetensors``); ``overrides`` change runtime-only fields (e.g. attention). Every way the files can
-        be wrong (missing, not JSON, unknown fields, unreadable or mismatched weights) is a named error."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        config_path, weights_path = directory / "config.json", directory / weights
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} is missing; point at a directory written by save_pretrained.")
-        model = cls(ModelConfig(**{**read_model_config(config_path), **overrides}))
-        try:
-            state = load_file(str(weights_path))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"{weights_path} cannot be read ({err}); the checkpoint is corrupt.") from err
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{weights_path} does not match its config.json: missing {missing[:3]}, unexpected {unexpected[:3]}."
-            )
-        return model
 
 
 LEGACY_MODEL_FIELDS = {"modulation": "broadcast"}  # fields of older checkpoints that are now always this value
@@ -372,11 +409,16 @@ def linear_flops_per_token(cfg: ModelConfig) -> float:
     return 2 * (3 * d * d + d * d + 2 * d * int(d * cfg.mlp_ratio))
 
 
-def estimate_activation_bytes(cfg: ModelConfig, segment_lengths: list[int], bytes_per_element: int = 2) -> int:
-    """Rough activation memory of one training step: what autograd keeps per token per block
-    (norm outputs, q/k/v, attention output, MLP input and hidden, residuals: about (16 + 2 * mlp_ratio) * width
-    values), times tokens and blocks; attention is assumed flash-style (no L x L scores kept)."""
+def estimate_activation_bytes(cfg: ModelConfig, segment_lengths: list[int], bytes_per_element: int = 2,
+                              checkpoint_fraction: float | None = None) -> int:
+    """Rough activation memory of one training step: what autograd keeps per token per block (norm outputs, q/k/v,
+    attention output, MLP input and hidden, residuals: about (16 + 2 * mlp_ratio) * width values), times tokens and
+    blocks; a checkpointed block keeps only its input (width values per token) and one block is recomputed at a
+    time. Attention is assumed flash-style (no L x L scores kept)."""
+    fraction = cfg.checkpoint_fraction if checkpoint_fraction is None else checkpoint_fraction
     tokens = sum(segment_lengths)
     per_token = (16 + 2 * cfg.mlp_ratio) * cfg.width
-    kept_blocks = cfg.depth * (1 - cfg.checkpoint_fraction) + (1 if cfg.checkpoint_fraction > 0 else 0)
-    return int(tokens * per_token * max(kept_blocks, 1) * bytes_per_element)
+    blocks = cfg.depth + cfg.single_depth
+    checkpointed = round(fraction * blocks)
+    kept = (blocks - checkpointed) * per_token + checkpointed * cfg.width + (per_token if checkpointed else 0)
+    return int(tokens * kept * bytes_per_element)

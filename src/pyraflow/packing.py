@@ -40,14 +40,15 @@ class HistoryPart:
     """Earlier video frames a segment is conditioned on, at some stage's resolution (see pyraflow.video).
 
     latent: (C, T, h, w) at ``stage``'s resolution; timestep: its noise level on the model's axis;
-    first_frame: absolute index of its first frame (the RoPE t coordinate); unit: its causal index.
+    first_frame: absolute index of its first frame (the RoPE t coordinate); unit: its causal index (None: each frame
+    is its own causal step, first_frame + frame, as the reference's clips are).
     """
 
     stage: int
     latent: torch.Tensor
     timestep: float
     first_frame: int
-    unit: int
+    unit: int | None
 
 
 @dataclass
@@ -103,6 +104,7 @@ class Layout:
     positions: torch.Tensor  # (Nv, 3) float (t, h, w) in full-resolution token units
     causal_index: torch.Tensor  # (Nv,) long causal step of each visual token: its frame, or its unit for video units
     run_lengths: list[int]  # visual tokens of each conditioning run, in stream order
+    parts: list[list[tuple[int, int, int, int, int]]]  # per segment, per part (history first): stage, t, h, w, first frame
     run_segment: torch.Tensor  # (R,) long segment of each conditioning run
     text_run: torch.Tensor  # (B,) long the run whose conditioning the segment's text stream uses
 
@@ -178,6 +180,14 @@ def unpatchify(tokens: torch.Tensor, shape: tuple[int, int, int, int], patch_siz
     return rearrange(tokens, "(t h w) (c p q) -> c t (h p) (w q)", t=t, h=h // p, w=w // p, p=p, q=p, c=c)
 
 
+def causal_steps(unit: int | None, first_frame: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """(T*h*w,) causal step of every token of a part: its unit, or its frame counted from first_frame."""
+    t, h, w = grid
+    if unit is not None:
+        return torch.full((t * h * w,), unit)
+    return (torch.arange(t) + first_frame).repeat_interleave(h * w)
+
+
 def token_positions(grid: tuple[int, int, int], downsample: int, first_frame: int = 0) -> torch.Tensor:
     """(T*h*w, 3) positions (t, h, w) of a stage's tokens in full-resolution token units."""
     t, h, w = grid
@@ -224,11 +234,14 @@ def _check(i: int, s: Sample, num_stages: int, patch_size: int, channels: int | 
         raise ValueError(f"{where}: {n} timesteps for {t} frames; give one timestep or one per frame.")
     if s.target is not None and (s.target.dim() != 4 or s.target.shape[1:] != s.latent.shape[1:]):
         raise ValueError(f"{where}: target has shape {tuple(s.target.shape)}; expected (C', {t}, {h}, {w}) like the latent.")
-    if s.history and s.unit is None:
-        raise ValueError(f"{where}: a sample with history needs its unit (causal index) set.")
-    units = [part.unit for part in s.history] + ([s.unit] if s.unit is not None else [])
-    if any(a >= b for a, b in zip(units, units[1:])):
-        raise ValueError(f"{where}: history units {units[:-1]} must increase and stay below the sample's unit {s.unit}.")
+    # causal steps (first, last) of every part in segment order must increase: history strictly before the latent
+    def steps(unit, first_frame, frames):
+        return (unit, unit) if unit is not None else (first_frame, first_frame + frames - 1)
+
+    spans = [steps(p.unit, p.first_frame, p.latent.shape[1]) for p in s.history] + [steps(s.unit, s.first_frame, t)]
+    if any(a[1] >= b[0] for a, b in zip(spans, spans[1:])):
+        raise ValueError(f"{where}: the causal steps of the history {spans[:-1]} must increase and stay below those of the "
+                         f"sample {spans[-1]} (give each part a higher unit, or first_frame, than the one before).")
     for j, part in enumerate(s.history):
         _check_latent(f"{where}, history part {j}", part.latent, part.stage, num_stages, patch_size, c)
 
@@ -252,10 +265,14 @@ def pack(
         raise ValueError("some samples carry a target and others do not; give every sample a target, or none.")
 
     def signature(s: Sample) -> tuple:
-        # Segments of one group share their attention mask, so the causal structure is part of the signature: a
-        # history part is one causal step, a predicted latent one step per frame (unit None) or one in all.
-        parts = [(p.stage, tuple(p.latent.shape[1:]), 1, False) for p in s.history]
-        return tuple(parts + [(s.stage, tuple(s.latent.shape[1:]), torch.as_tensor(s.timestep).numel(), s.unit is None)])
+        # Segments of one group share their attention mask, so the causal structure is part of the signature: a part
+        # is one causal step (its unit), or one step per frame (unit None) counted from its first frame.
+        def causal(unit, first_frame):
+            return ("unit",) if unit is not None else ("frames", first_frame)
+
+        parts = [(p.stage, tuple(p.latent.shape[1:]), 1, causal(p.unit, p.first_frame)) for p in s.history]
+        return tuple(parts + [(s.stage, tuple(s.latent.shape[1:]), torch.as_tensor(s.timestep).numel(),
+                               causal(s.unit, s.first_frame))])
 
     signatures = [signature(s) for s in samples]
     order = list(range(len(samples)))
@@ -263,7 +280,7 @@ def pack(
         order.sort(key=lambda i: (signatures[i], samples[i].text.shape[0]))
     visual, text, pooled, timestep, positions, causal, targets = [], [], [], [], [], [], []
     shapes, stages, text_lengths, visual_lengths, history_lengths = [], [], [], [], []
-    run_lengths, run_segment, text_run = [], [], []
+    run_lengths, run_segment, text_run, parts = [], [], [], []
     groups: list[Group] = []
     visual_offset = run_offset = 0
     for b, i in enumerate(order):
@@ -271,13 +288,15 @@ def pack(
         c, t, h, w = s.latent.shape
         steps = torch.as_tensor(s.timestep, dtype=torch.float32).reshape(-1)
         start = visual_offset
+        segment_parts = []
         for part in s.history:  # oldest first, one conditioning run each
             tokens = patchify(part.latent, patch_size)
             grid = (part.latent.shape[1], part.latent.shape[2] // patch_size, part.latent.shape[3] // patch_size)
             visual.append(tokens)
             timestep.append(torch.tensor([float(part.timestep)]))
             positions.append(token_positions(grid, 2 ** (num_stages - 1 - part.stage), part.first_frame))
-            causal.append(torch.full((tokens.shape[0],), part.unit))
+            causal.append(causal_steps(part.unit, part.first_frame, grid))
+            segment_parts.append((part.stage, *grid, part.first_frame))
             run_lengths.append(tokens.shape[0])
             visual_offset += tokens.shape[0]
         history_lengths.append(visual_offset - start)
@@ -286,17 +305,15 @@ def pack(
         visual.append(tokens)
         timestep.append(steps)
         positions.append(token_positions(grid, 2 ** (num_stages - 1 - s.stage), s.first_frame))
-        per_frame = grid[1] * grid[2]
-        if s.unit is None:
-            causal.append((torch.arange(t) + s.first_frame).repeat_interleave(per_frame))
-        else:
-            causal.append(torch.full((tokens.shape[0],), s.unit))
+        causal.append(causal_steps(s.unit, s.first_frame, grid))
+        segment_parts.append((s.stage, *grid, s.first_frame))
+        parts.append(segment_parts)
         run_lengths += [tokens.shape[0] // steps.numel()] * steps.numel()
         visual_offset += tokens.shape[0]
         runs = len(s.history) + steps.numel()
         run_segment.extend([b] * runs)
         # Text follows the segment's first run: for video that is the oldest history, which stays fixed while a
-        # unit is denoised, so text and history keys/values can be cached (see MultiStageMMDiT.prefix_cache).
+        # unit is denoised, so text and history keys/values can be cached (see PackedTransformer.prefix_cache).
         text_run.append(run_offset)
         run_offset += runs
         sig = signatures[i]
@@ -336,6 +353,7 @@ def pack(
         positions=torch.cat(positions),
         causal_index=torch.cat(causal),
         run_lengths=run_lengths,
+        parts=parts,
         run_segment=torch.tensor(run_segment, dtype=torch.long),
         text_run=torch.tensor(text_run, dtype=torch.long),
     )

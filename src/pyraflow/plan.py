@@ -7,6 +7,8 @@ mix tracks the target, and roughly how much activation memory a step takes.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from tqdm import tqdm
 
@@ -42,6 +44,10 @@ def planned_bucket_counts(config: Config, buckets) -> list[int]:
     from pyraflow.data import build_dataset
     from pyraflow.data.datasets import Shaper, VideoClips
 
+    if config.data.dataset == "pyramid-flow" and config.data.path and Path(config.data.path).is_file():
+        from pyraflow.data.pyramid_flow import load_annotations
+
+        return load_annotations(config).pool_sizes
     if len(buckets) == 1:
         return [planned_size(config.data)]
     if config.data.num_samples is not None:
@@ -87,6 +93,7 @@ def simulate(config: Config, steps: int, world_size: int = 1, progress: bool = F
     stage_tokens = np.zeros((steps, k))
     target = np.zeros((steps, k))
     activation = np.zeros(steps)
+    largest: list[int] = []
     for i in tqdm(range(steps), desc="simulating batches", disable=not progress, leave=False):
         target[i] = per_stage(classes.mix.ratio(i))
         batch = batcher.next_batch()
@@ -94,7 +101,10 @@ def simulate(config: Config, steps: int, world_size: int = 1, progress: bool = F
         class_counts = np.asarray(batch.counts, dtype=np.float64)
         counts[i] = per_stage(class_counts)
         stage_tokens[i] = per_stage(class_counts * class_tokens)
-        activation[i] = estimate_activation_bytes(config.model, [classes.segment_tokens[c] for c in batch.classes])
+        lengths = [classes.segment_tokens[c] for c in batch.classes]
+        activation[i] = estimate_activation_bytes(config.model, lengths)
+        if activation[i] == activation.max():
+            largest = lengths
         bucket_samples[i] = per_bucket(class_counts)
         bucket_tokens[i] = per_bucket(class_counts * class_tokens)
         for b in range(len(buckets)):
@@ -155,15 +165,59 @@ def simulate(config: Config, steps: int, world_size: int = 1, progress: bool = F
             "note": "autograd activations per rank, bf16, flash-style attention; weights and optimizer excluded",
         },
         "epochs": sum(batcher.consumed) / max(1, sum(batcher.shard_sizes)),
+        "largest_batch": largest,
     }
+
+
+LORA_PLAN_RANK = 64  # the adapter rank planned for when the config trains every weight
+
+
+def parameter_counts(config: Config) -> tuple[int, int, int]:
+    """(parameters of the model, of its LoRA adapters at the configured rank (or LORA_PLAN_RANK), that rank),
+    counted on a model built without memory (meta device)."""
+    import torch
+
+    from pyraflow.archs import build_model
+    from pyraflow.lora import DEFAULT_TARGETS
+
+    with torch.device("meta"):
+        model = build_model(config.model)
+    total = sum(p.numel() for p in model.parameters())
+    lora = config.train.lora
+    rank = lora.rank or LORA_PLAN_RANK
+    targets = lora.targets or DEFAULT_TARGETS[config.model.arch]
+    adapters = sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets))
+    return total, adapters, rank
+
+
+def memory_report(config: Config, world_size: int, segment_lengths: list[int]) -> dict:
+    """Memory per GPU of the largest simulated batch, for full fine-tuning and LoRA, sharded (FSDP) over
+    ``world_size`` ranks or replicated (DDP), with and without activation checkpointing. Trained weights cost
+    20 bytes each (fp32 weight, gradient, two AdamW moments, EMA), frozen ones 4 (fp32)."""
+    total, adapters, rank = parameter_counts(config)
+    gb = 2**30
+    activations = {f: estimate_activation_bytes(config.model, segment_lengths, 2, f) / gb for f in (0.0, 1.0)}
+    rows = []
+    for parallel, shards in (("fsdp", world_size), ("ddp", 1)):
+        for name, trained, frozen in (("full", total, 0), (f"lora-r{rank}", adapters, total)):
+            states = (20 * trained + 4 * frozen) / shards / gb
+            rows += [{"mode": name, "parallel": parallel, "ranks": world_size, "checkpointing": bool(f),
+                      "weights_and_optimizer_gb": states, "activations_gb": activations[f],
+                      "total_gb": states + activations[f]} for f in (0.0, 1.0)]
+    return {"parameters": total, "lora_parameters": adapters, "lora_rank": rank, "per_gpu": rows,
+            "note": "activations of the largest simulated batch (bf16); trained weights 20 B (fp32 weight, gradient, "
+                    "AdamW moments, EMA), frozen 4 B; FSDP shards both over the ranks; excludes the CUDA context and "
+                    "allocator slack (add ~10-20%)"}
 
 
 def plan_report(config: Config, steps: int, world_size: int = 1, progress: bool = False) -> dict:
     schedule = schedule_report(PyramidSchedule(config.schedule))
     batches = simulate(config, steps, world_size, progress)
+    largest = batches.pop("largest_batch")
     for entry, stage_stats in zip(schedule["stages"], batches.pop("per_stage")):
         entry.update({k: v for k, v in stage_stats.items() if k != "stage"})
-    return {"schedule": schedule, **batches}
+    return {"schedule": schedule, **batches, "memory": memory_report(config, world_size, largest)}
 
 
 def format_report(report: dict) -> str:
@@ -195,6 +249,15 @@ def format_report(report: dict) -> str:
         f"activation memory (bf16, per rank): mean {a['mean']:.1f} MB, max {a['max']:.1f} MB",
         f"epochs covered: {report['epochs']:.2f}",
     ]
+    m = report["memory"]
+    lines += ["", f"parameters: {m['parameters'] / 1e6:,.1f} M; LoRA rank {m['lora_rank']} adapters on the attention "
+                  f"projections: {m['lora_parameters'] / 1e6:,.1f} M",
+              f"memory per GPU, largest batch (GB): {'mode':>10} {'parallel':>12} {'checkpointing':>13} "
+              f"{'weights+optim':>13} {'activations':>11} {'total':>7}"]
+    for row in m["per_gpu"]:
+        parallel = f"{row['parallel']} x{row['ranks']}" if row["parallel"] == "fsdp" else f"ddp x{row['ranks']}"
+        lines.append(f"{'':>35}{row['mode']:>10} {parallel:>12} {'yes' if row['checkpointing'] else 'no':>13} "
+                     f"{row['weights_and_optimizer_gb']:>13.1f} {row['activations_gb']:>11.1f} {row['total_gb']:>7.1f}")
     if len(report["per_bucket"]) > 1:
         lines += ["", f"{'bucket':>10} {'aspect':>6} {'data share':>10} {'realised':>8} {'samples/step':>12} "
                       f"{'tokens/step':>11} {'memory MB':>9}"]

@@ -34,6 +34,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
     if tmp.is_dir() and path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
+    if tmp.is_file():
+        os.chmod(tmp, 0o644)  # some writers (safetensors) create their files readable by the owner only
     os.replace(tmp, path)
 
 

@@ -112,12 +112,63 @@ class TextEncoder:
         return self.encode([""])
 
 
+def read_text_features(path: str | Path, max_tokens: int) -> TextEmbedding:
+    """One caption's features as the reference's extraction saves them: a .pt dict of ``prompt_embed`` [1, L, D],
+    ``prompt_attention_mask`` [1, L] and ``pooled_prompt_embed`` [1, D_pooled]; valid tokens kept, at most
+    ``max_tokens``. A file that is not so raises ValueError naming what is wrong."""
+    try:
+        features = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises many kinds for a damaged or foreign file
+        raise ValueError(f"not a readable torch file ({type(err).__name__})") from None
+    if not isinstance(features, dict) or not {"prompt_embed", "prompt_attention_mask", "pooled_prompt_embed"} <= set(features):
+        raise ValueError("not a text-feature dict (prompt_embed, prompt_attention_mask, pooled_prompt_embed)")
+    embed, mask, pooled = features["prompt_embed"], features["prompt_attention_mask"], features["pooled_prompt_embed"]
+    if embed.dim() != 3 or embed.shape[0] != 1 or mask.shape != embed.shape[:2] or pooled.dim() != 2 or pooled.shape[0] != 1:
+        raise ValueError(f"prompt_embed {tuple(embed.shape)}, prompt_attention_mask {tuple(mask.shape)}, pooled_prompt_embed "
+                         f"{tuple(pooled.shape)}; expected [1, L, D], [1, L], [1, D_pooled]")
+    tokens = embed[0][mask[0].bool()][:max_tokens].float()
+    if len(tokens) == 0:
+        raise ValueError("prompt_attention_mask has no valid token")
+    return TextEmbedding(tokens[None], torch.tensor([len(tokens)]), pooled.float())
+
+
+class PreparedText:
+    """The text side of a run trained from features extracted elsewhere (text.encoder=prepared): widths from the
+    model config, the null caption from text.null_features (or zeros). New captions cannot be encoded."""
+
+    def __init__(self, config: TextConfig, width: int, pooled_width: int):
+        self.config, self.width, self.pooled_width = config, width, pooled_width
+        self.identity = f"prepared:{width}:{pooled_width}:{config.max_tokens}"
+
+    def encode(self, captions: list[str]) -> TextEmbedding:
+        raise ValueError("text.encoder=prepared has no encoder to embed new captions; sample with features extracted "
+                         "by the reference's tools/extract_text_features.py, or set text.encoder to a local encoder.")
+
+    def null(self) -> TextEmbedding:
+        if self.config.null_features is None:
+            return TextEmbedding(torch.zeros(1, 1, self.width), torch.tensor([1]), torch.zeros(1, self.pooled_width))
+        try:
+            null = read_text_features(self.config.null_features, self.config.max_tokens)
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"text.null_features={self.config.null_features}: {err}") from None
+        if null.tokens.shape[-1] != self.width or null.pooled.shape[-1] != self.pooled_width:
+            raise ValueError(f"text.null_features={self.config.null_features} is {null.tokens.shape[-1]} / "
+                             f"{null.pooled.shape[-1]} wide; the model takes {self.width} / {self.pooled_width}.")
+        return null
+
+
 _LOADED: dict[tuple[str, int, str], TextEncoder] = {}
 
 
-def load_text_encoder(config: TextConfig, device: torch.device | str = "cpu") -> TextEncoder:
+def load_text_encoder(config: TextConfig, device: torch.device | str = "cpu",
+                      widths: tuple[int, int] | None = None) -> TextEncoder | PreparedText:
     """A TextEncoder, loaded once per process for each (encoder, max_tokens, device): it is frozen, so
-    training, sampling and evaluation in one process can share it."""
+    training, sampling and evaluation in one process can share it. text.encoder=prepared: a PreparedText of
+    ``widths`` (model.text_dim, model.pooled_dim)."""
+    if config.encoder == "prepared":
+        if widths is None:
+            raise ValueError("text.encoder=prepared needs the model's text widths (model.text_dim, model.pooled_dim).")
+        return PreparedText(config, *widths)
     key = (config.encoder, config.max_tokens, str(device))
     if key not in _LOADED:
         _LOADED[key] = TextEncoder(config, device)

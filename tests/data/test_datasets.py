@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from pyraflow.config import DataConfig
-from pyraflow.data.datasets import (ImageFolder, MnistDigits, build_dataset, caption_for_digit, check_bad_files,
-                                    fit_image, iterate_samples, planned_size)
+from pyraflow.data.datasets import ImageFolder, MnistDigits, caption_for_digit, check_bad_files, fit_image, iterate_samples
+from pyraflow.data.sources import build_dataset, planned_size
 from helpers import make_images
 
 

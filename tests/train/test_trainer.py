@@ -213,3 +213,16 @@ def test_a_time_limit_stops_the_run_with_a_checkpoint(tmp_path):
                                 "train.checkpoint_every=0"), out, progress=False)
     assert 0 < summary["steps"] < 100000
     assert (out / "checkpoints" / f"step-{summary['steps']}").is_dir()
+
+
+@pytest.mark.parametrize("arch", ["flux", "mmdit-sd3"])
+def test_the_released_architectures_train_and_sample_in_a_run_of_our_own(tmp_path, arch):
+    """model.arch flux / mmdit-sd3 through the token-budget batcher, checkpoints and sampling, from scratch."""
+    out = tmp_path / "run"
+    extra = ["model.patch_size=2"] + (["model.single_depth=1"] if arch == "flux" else ["model.sample_size=32"])
+    run_training(tiny("train.steps=2", "train.checkpoint_every=2", f"model.arch={arch}", *extra), out, progress=False)
+    weights = _weights(out)
+    assert any(name.startswith("transformer_blocks.0.attn.add_q_proj") for name in weights)  # the reference's names
+    assert main(["sample", "--checkpoint", str(out), "--prompt", "a handwritten digit three", "--num", "2",
+                 "--steps", "2", "--out", str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid.png").stat().st_size > 100

@@ -20,6 +20,7 @@ from pyraflow.config.sections import (
     BatchingConfig,
     DataConfig,
     LatentConfig,
+    LoraConfig,
     MixConfig,
     ModelConfig,
     SampleConfig,
@@ -35,7 +36,7 @@ from pyraflow.config.sections import (
 
 __all__ = [
     "ATTENTION_BACKENDS", "BatchingConfig", "Bucket", "Config", "auto_aspects", "make_buckets", "nearest_bucket",
-    "parse_aspect", "DataConfig", "LatentConfig", "MixConfig", "ModelConfig",
+    "parse_aspect", "DataConfig", "LatentConfig", "LoraConfig", "MixConfig", "ModelConfig",
     "SampleConfig", "ScheduleConfig", "TextConfig", "TrainConfig", "VideoConfig", "load_config", "ratio_presets",
     "resolve_ratio", "to_dict", "to_yaml", "uniform_boundaries", "unit_spans", "valid_keys",
 ]

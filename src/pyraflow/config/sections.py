@@ -15,7 +15,8 @@ from pyraflow.config.buckets import parse_aspect
 SCHEDULE_PRESETS = ("continuous", "pyramid-flow")
 DENSITIES = ("uniform", "logit-normal", "mode")
 ATTENTION_BACKENDS = ("auto", "grouped", "flex", "flash")
-DATASETS = ("mnist", "clips", "scenes", "image-folder", "video-folder")
+ARCHS = ("mmdit", "flux", "mmdit-sd3")
+DATASETS = ("mnist", "clips", "scenes", "image-folder", "video-folder", "pyramid-flow")
 MIX_KINDS = ("constant", "piecewise", "linear", "adaptive")
 RATIO_UNITS = ("samples", "tokens")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -114,10 +115,13 @@ class DataConfig:
     """Where samples come from and the pixel shape they are brought to."""
 
     dataset: str = "mnist"
-    """mnist, clips (bundled videos), scenes (bundled photos cut at several aspect ratios), image-folder or
-    video-folder."""
+    """mnist, clips (bundled videos), scenes (bundled photos cut at several aspect ratios), image-folder,
+    video-folder, or pyramid-flow (the reference's annotation jsonl with pre-extracted latents and text features:
+    pyraflow.data.pyramid_flow)."""
     path: str | None = None
-    """Folder for image-folder / video-folder."""
+    """Folder for image-folder / video-folder; the annotation .jsonl for pyramid-flow."""
+    root: str | None = None
+    """pyramid-flow: folder the jsonl's relative paths start from (None: the jsonl's own folder)."""
     image_size: int = 32
     """Height and width in pixels after resizing (without aspect_buckets), and the default target side."""
     resolution: int | None = None
@@ -160,6 +164,8 @@ class DataConfig:
         check_choice("data.dataset", self.dataset, DATASETS)
         if self.dataset in ("image-folder", "video-folder") and self.path is None and self.num_samples is None:
             raise ValueError(f"data.dataset={self.dataset} needs data.path (the folder to read).")
+        if self.dataset == "pyramid-flow" and self.path is None and self.num_samples is None:
+            raise ValueError("data.dataset=pyramid-flow needs data.path (the annotation .jsonl to read).")
         if self.channels not in (1, 3):
             raise ValueError(f"data.channels={self.channels} must be 1 (grey) or 3 (RGB).")
         check_choice("data.resize", self.resize, ("crop", "pad"))
@@ -188,8 +194,9 @@ class DataConfig:
 
     @property
     def bucketed(self) -> bool:
-        """Whether samples keep their own shapes (aspect or clip-length buckets) instead of one square size."""
-        return self.aspect_buckets is not None or self.frame_buckets is not None
+        """Whether samples keep their own shapes (aspect or clip-length buckets, or pre-extracted latents of many
+        shapes) instead of one square size."""
+        return self.aspect_buckets is not None or self.frame_buckets is not None or self.dataset == "pyramid-flow"
 
     def clip_lengths(self) -> list[int]:
         return sorted(set(self.frame_buckets)) if self.frame_buckets else [self.frames]
@@ -198,7 +205,11 @@ class DataConfig:
 @dataclass
 class TextConfig:
     encoder: str = "minilm"
-    """``minilm`` (bundled, offline) or a local directory holding a Hugging Face text encoder."""
+    """``minilm`` (bundled, offline), a local directory holding a Hugging Face text encoder, or ``prepared``: text
+    features extracted elsewhere (data.dataset=pyramid-flow), widths model.text_dim / model.pooled_dim."""
+    null_features: str | None = None
+    """encoder=prepared: the features of the empty caption (a .pt of the reference's text_fea layout), used for
+    caption dropout; None: one zero token and a zero pooled vector."""
     max_tokens: int = 8
     """Token states per caption after truncation; the batcher budgets this many text tokens per sample."""
 
@@ -220,6 +231,10 @@ class LatentConfig:
     """Latent channels; None: the image channels for pixels, read from the VAE config for vae."""
     downsample: int | None = None
     """Pixels per latent per side; None: 1 for pixels, read from the VAE config for vae."""
+    video_scale: float | None = None
+    """Scale of a clip's frames after the first (Pyramid Flow's causal video VAE normalises those apart); None: scale."""
+    video_shift: float | None = None
+    """Shift of a clip's frames after the first; None: shift."""
 
     def __post_init__(self) -> None:
         check_choice("latent.kind", self.kind, ("pixel", "vae"))
@@ -259,8 +274,12 @@ class LatentConfig:
 
 @dataclass
 class ModelConfig:
-    """Shape of the MMDiT. Widths in channels; head_dim = width / num_heads."""
+    """Shape of the transformer. Widths in channels; head_dim = width / num_heads."""
 
+    arch: str = "mmdit"
+    """``mmdit``: pyraflow's multi-stage MMDiT. ``flux``: the released pyramid-flow-miniflux transformer (double- then
+    single-stream blocks, 3-axis RoPE); ``mmdit-sd3``: the released pyramid-flow-sd3 transformer (sincos positions,
+    temporal RoPE). Both reproduce the reference's weights and outputs (pyraflow.interop), packed."""
     in_channels: int = 1
     """Latent channels of the visual input (and output); in a run config it follows the latents."""
     patch_size: int = 4
@@ -281,14 +300,24 @@ class ModelConfig:
     """Visual tokens see only their own and earlier frames (and the text); text sees only text."""
     checkpoint_fraction: float = 0.0
     """Fraction of blocks (the first ones) whose activations are recomputed in backward to save memory."""
+    single_depth: int = 0
+    """flux: single-stream blocks after the ``depth`` double-stream ones."""
+    sample_size: int = 128
+    """mmdit-sd3: the latent side its sincos position table is centred for (base size = sample_size / patch_size)."""
+    pos_embed_max_size: int = 192
+    """mmdit-sd3: side of its sincos position table (in patches)."""
 
     def __post_init__(self) -> None:
+        check_choice("model.arch", self.arch, ARCHS)
         for name in ("in_channels", "patch_size", "width", "depth", "num_heads", "text_dim", "pooled_dim"):
             check_integer(f"model.{name}", getattr(self, name))
+        check_integer("model.single_depth", self.single_depth, 0)
+        if self.arch == "flux" and self.patch_size != 2:
+            raise ValueError(f"model.patch_size={self.patch_size}: the flux architecture patchifies 2 x 2 (as released).")
         if self.width % self.num_heads:
             raise ValueError(f"model.width={self.width} must be divisible by model.num_heads={self.num_heads}.")
         axes = self.axes()
-        if len(axes) != 3 or sum(axes) != self.head_dim or any(a < 2 or a % 2 for a in axes):
+        if self.arch != "mmdit-sd3" and (len(axes) != 3 or sum(axes) != self.head_dim or any(a < 2 or a % 2 for a in axes)):
             raise ValueError(f"model.rope_axes={axes} must be three positive even numbers summing to head_dim={self.head_dim}.")
         check_choice("model.attention", self.attention, ATTENTION_BACKENDS)
         check_range("model.checkpoint_fraction", self.checkpoint_fraction, 0, 1)
@@ -469,9 +498,36 @@ class VideoConfig:
 # ----- training and sampling ---------------------------------------------------------------------------
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (peft) instead of full fine-tuning: the base weights (train.init_from) stay frozen; only the
+    adapters are optimised, averaged (EMA) and checkpointed."""
+
+    rank: int = 0
+    """Adapter rank; 0: no adapters, every weight trains."""
+    alpha: float | None = None
+    """Scale numerator (updates are scaled by alpha / rank); None: rank."""
+    targets: list[str] | None = None
+    """Names (or name endings) of the linear layers that get adapters; None: every attention projection of the
+    architecture (q, k, v and output, both streams)."""
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_integer("train.lora.rank", self.rank, 0)
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(f"train.lora.alpha={self.alpha} must be > 0 (or null for the rank).")
+        check_range("train.lora.dropout", self.dropout, 0, 1, open_high=True)
+        if self.targets is not None and not self.targets:
+            raise ValueError("train.lora.targets is empty; name layers such as [to_q, to_k, to_v], or null for the default.")
+
+
+@dataclass
 class TrainConfig:
     """Optimisation and bookkeeping of a training run."""
 
+    init_from: str | None = None
+    """Start from these weights instead of a fresh init: a released Pyramid Flow ``diffusion_transformer_*`` folder,
+    a pyraflow checkpoint or a model directory (``pyraflow convert``). Its architecture must be the model section's."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
     steps: int = 1000
     """Optimizer steps in the run."""
     lr: float = 3e-4
@@ -530,6 +586,9 @@ class TrainConfig:
             raise ValueError(f"train.collective_timeout_minutes={self.collective_timeout_minutes} must be > 0.")
         check_choice("train.parallel", self.parallel, PARALLEL_MODES)
         check_optional_integer("train.threads", self.threads)
+        if self.lora.rank and not self.init_from:
+            raise ValueError("train.lora.rank is set but train.init_from is not: adapters fine-tune existing weights; "
+                             "point train.init_from at them (or set train.lora.rank: 0 to train from scratch).")
 
 
 @dataclass

@@ -2,8 +2,8 @@
 ``pyraflow prepare`` writes."""
 
 from pyraflow.data.cache import load_cache, prepare
-from pyraflow.data.datasets import (RawSample, build_dataset, caption_for_digit, check_bad_files, fit_image,
-                                    iterate_samples, planned_size, read_image, resolve_buckets)
+from pyraflow.data.datasets import RawSample, caption_for_digit, check_bad_files, fit_image, iterate_samples, read_image
+from pyraflow.data.sources import build_dataset, planned_size, resolve_buckets
 from pyraflow.data.encoded import EncodedData, encode_dataset, encode_samples
 
 __all__ = ["EncodedData", "RawSample", "build_dataset", "caption_for_digit", "check_bad_files", "encode_dataset",

@@ -29,7 +29,8 @@ import torch
 from tqdm import tqdm
 
 from pyraflow.config import Bucket, DataConfig
-from pyraflow.data.datasets import build_dataset, check_bad_files, iterate_samples
+from pyraflow.data.datasets import check_bad_files, iterate_samples
+from pyraflow.data.sources import build_dataset
 from pyraflow.data.encoded import encode_samples
 from pyraflow.storage import atomic_path, remove_partials, write_json, write_text
 

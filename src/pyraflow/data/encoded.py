@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from pyraflow.config import DataConfig
-from pyraflow.data.datasets import RawSample, build_dataset, check_bad_files, iterate_samples
+from pyraflow.data.datasets import RawSample, check_bad_files, iterate_samples
+from pyraflow.data.sources import build_dataset
 
 
 @dataclass

@@ -8,7 +8,8 @@ import torch
 
 from pyraflow.config import Config
 from pyraflow.media import write_grid
-from pyraflow.model import MultiStageMMDiT
+from pyraflow.lora import trained_model
+from pyraflow.model import PackedTransformer
 from pyraflow.sample.sampler import model_device, sample_pyramid, sample_video
 from pyraflow.schedule import PyramidSchedule
 from pyraflow.text import TextEmbedding
@@ -24,7 +25,7 @@ class Pipeline:
     Sampling runs on the model's device; pixels come back on the CPU.
     """
 
-    def __init__(self, config: Config, model: MultiStageMMDiT, schedule: PyramidSchedule, text_encoder, latent_space,
+    def __init__(self, config: Config, model: PackedTransformer, schedule: PyramidSchedule, text_encoder, latent_space,
                  null: TextEmbedding):
         self.config, self.model, self.schedule = config, model.eval(), schedule
         self.text_encoder, self.latent_space, self.null = text_encoder, latent_space, null
@@ -158,10 +159,10 @@ def load_pipeline(checkpoint: str | Path, device: torch.device | str | None = No
     weights = "ema.safetensors" if use_ema else "model.safetensors"
     path = resolve_checkpoint(checkpoint, SAMPLING + (weights,))
     config = load_config(path / "run.yaml")
-    model = MultiStageMMDiT.from_pretrained(path, weights=weights)
+    model = trained_model(path, config, weights)
     if model.config != config.model:
         raise ValueError(f"{path / 'config.json'} does not match the model section of {path / 'run.yaml'}; "
                          "the checkpoint is inconsistent.")
-    text_encoder = load_text_encoder(config.text)
+    text_encoder = load_text_encoder(config.text, widths=(config.model.text_dim, config.model.pooled_dim))
     return Pipeline(config, model.to(device), PyramidSchedule(config.schedule), text_encoder,
                     build_latent_space(config.latent, device), load_null(path / "null_text.safetensors"))

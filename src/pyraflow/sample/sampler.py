@@ -12,7 +12,7 @@ import time
 import torch
 
 from pyraflow.config import unit_spans
-from pyraflow.model import MultiStageMMDiT
+from pyraflow.model import PackedTransformer
 from pyraflow.packing import Sample, pack, patchify, unpack_stacked
 from pyraflow.schedule import PyramidSchedule
 from pyraflow.text import TextEmbedding
@@ -55,7 +55,7 @@ def integrate(velocity, x: torch.Tensor, grid: torch.Tensor, solver: str = "eule
 
 @torch.no_grad()
 def sample_pyramid(
-    model: MultiStageMMDiT,
+    model: PackedTransformer,
     schedule: PyramidSchedule,
     text: TextEmbedding,
     null: TextEmbedding,
@@ -80,7 +80,7 @@ def sample_pyramid(
 
 
 def denoise_cascade(
-    model: MultiStageMMDiT,
+    model: PackedTransformer,
     schedule: PyramidSchedule,
     noise: torch.Tensor,
     text: TextEmbedding,
@@ -99,8 +99,8 @@ def denoise_cascade(
     device -> latents on that device.
 
     history(k, row) -> list of HistoryPart of caption ``row``, for a video unit predicted at stage k; with
-    ``use_cache`` the text and history are run once per stage (MultiStageMMDiT.prefix_cache) instead of at
-    every step. solver: ``euler`` or ``heun`` (see ``integrate``). on_stage_end(k, x) sees each stage's end state.
+    ``use_cache`` the text and history are run once per stage (PackedTransformer.prefix_cache) instead of at
+    every step, where the architecture allows it (model.caches_history). solver: ``euler`` or ``heun`` (see ``integrate``). on_stage_end(k, x) sees each stage's end state.
     """
     model.eval()
     device = noise.device
@@ -120,7 +120,7 @@ def denoise_cascade(
         # Shapes stay fixed within a stage, so pack and prepare once; each step only swaps in the
         # current latents and timestep.
         cache = None
-        if use_cache and parts[0]:
+        if use_cache and parts[0] and model.caches_history:
             prefix = [Sample(ps[-1].stage, ps[-1].latent, *c, ps[-1].timestep, ps[:-1], ps[-1].first_frame, ps[-1].unit)
                       for c, ps in zip(captions, parts)]
             cache = model.prefix_cache(pack(prefix, schedule.num_stages, p).to(device))
@@ -156,7 +156,7 @@ def denoise_cascade(
 
 @torch.no_grad()
 def sample_video(
-    model: MultiStageMMDiT,
+    model: PackedTransformer,
     schedule: PyramidSchedule,
     text: TextEmbedding,
     null: TextEmbedding,

@@ -22,7 +22,9 @@ from pyraflow.batching import TokenBudgetBatcher, example_classes
 from pyraflow.checkpoint import load_tensors, load_trainer_state, resolve_checkpoint, save_tensors, write_checkpoint
 from pyraflow.config import Config, load_config, to_yaml
 from pyraflow.data.loader import prefetch_depth, training_loader
-from pyraflow.model import MultiStageMMDiT
+from pyraflow.archs import build_model
+from pyraflow.lora import training_model
+from pyraflow.model import PackedTransformer
 from pyraflow.schedule import PyramidSchedule
 from pyraflow.train.objective import ExampleBuilder, flow_matching_loss
 from pyraflow.train.optim import lr_factor, make_optimizer, resolve_precision
@@ -42,6 +44,10 @@ def load_run_data(config: Config, text_encoder, latent_space, info: DistributedI
     data.cache gets one in the run directory), read row by row; or the dataset encoded in memory."""
     from pyraflow.data import encode_dataset, load_cache, prepare
 
+    if config.data.dataset == "pyramid-flow":
+        from pyraflow.data.pyramid_flow import load_annotations
+
+        return load_annotations(config)
     if config.data.cache or config.data.bucketed:
         cache = Path(config.data.cache or run_dir / "cache")
         if info.is_main and not (cache / "complete.json").is_file():
@@ -74,7 +80,7 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         if info.is_main:
             self._check_out_dir(resume)
-        self.text_encoder = load_text_encoder(config.text)
+        self.text_encoder = load_text_encoder(config.text, widths=(config.model.text_dim, config.model.pooled_dim))
         self._check_text_widths()
         self.latent_space = build_latent_space(config.latent, info.device)
         self.buckets = resolve_buckets(config)
@@ -88,10 +94,14 @@ class Trainer:
         # a resume computes in the precision its run recorded, whatever the device would choose now
         self.precision = self._recorded_precision() if resume else resolve_precision(tc.precision, info.device)
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
-        self.model = MultiStageMMDiT(config.model).to(info.device)
+        self.model = training_model(config, load_base=not resume).to(info.device)
         self.wrapped = parallelize(self.model, info, tc.parallel, self.precision)
-        # the unwrapped model's names (DDP shares these parameters; FSDP2 shards them in place)
-        self.names, self.params = map(list, zip(*self.model.named_parameters()))
+        # the unwrapped model's names of what trains (DDP shares these parameters; FSDP2 shards them in place): every
+        # weight, or with train.lora the adapters only, which are then all that the optimizer, EMA and checkpoints hold
+        self.names, self.params = map(list, zip(*[(n, p) for n, p in self.model.named_parameters() if p.requires_grad]))
+        # persistent buffers (the sd3 position table) travel with the weights, except in a LoRA run's adapter files
+        parameters = {n for n, _ in self.model.named_parameters()}
+        self.buffers = {} if tc.lora.rank else {n: b for n, b in self.model.state_dict().items() if n not in parameters}
         self.ema = [p.detach().clone().float() for p in self.params]
         self.optimizer = make_optimizer(self.params, tc.lr, tc.weight_decay, self.sharded)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(tc, s))
@@ -246,8 +256,9 @@ class Trainer:
         (on the CPU, one tensor at a time) and writes it."""
         from pyraflow.text import save_null
 
-        model_state = gather_to_main(self.names, self.params, self.info)
-        ema_state = gather_to_main(self.names, self.ema, self.info)
+        buffers = {name: b.detach().cpu() for name, b in self.buffers.items()}
+        model_state = {**gather_to_main(self.names, self.params, self.info), **buffers}
+        ema_state = {**gather_to_main(self.names, self.ema, self.info), **buffers}
         optimizer_state = self._optimizer_state()
         if not self.info.is_main:
             return None
@@ -297,6 +308,10 @@ class Trainer:
         for name, targets in (("model.safetensors", self.params), ("ema.safetensors", self.ema)):
             full = load_tensors(path / name) if reads else None
             load_from_main(self.names, targets, full, self.info)
+            if name == "model.safetensors" and full is not None:
+                for buffer, tensor in self.buffers.items():
+                    if buffer in full:
+                        tensor.copy_(full[buffer])
         optimizer = load_trainer_state(path, "optimizer.pt") if reads else {}
         set_optimizer_state_dict(self.wrapped, self.optimizer, optimizer, options=StateDictOptions(
             full_state_dict=True, broadcast_from_rank0=self.sharded))
@@ -308,8 +323,9 @@ class Trainer:
         self.step = state["step"]
         self.bad_steps, self.consecutive_bad = state["bad_steps"], state["consecutive_bad"]
 
-    def ema_model(self) -> MultiStageMMDiT:
+    def ema_model(self) -> PackedTransformer:
         """The EMA weights as a plain model on the training device, on every rank (a collective under FSDP)."""
-        model = MultiStageMMDiT(self.config.model)
-        model.load_state_dict({name: full_tensor(t).detach() for name, t in zip(self.names, self.ema)})
+        model = training_model(self.config, load_base=True) if self.config.train.lora.rank else build_model(self.config.model)
+        model.load_state_dict({**{name: full_tensor(t).detach() for name, t in zip(self.names, self.ema)}, **self.buffers},
+                              strict=not self.config.train.lora.rank)
         return model.to(self.info.device).eval()
