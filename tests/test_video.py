@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pyraflow.batching import example_classes
 from pyraflow.config import ScheduleConfig, VideoConfig, load_config
-from pyraflow.packing import HistoryPart, Sample, pack, unpack
+from pyraflow.packing import Sample, pack, unpack
 from pyraflow.sample import sample_video
 from pyraflow.schedule import PyramidSchedule
 from pyraflow.text import TextEmbedding

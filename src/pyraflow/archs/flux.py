@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pyraflow.archs.layers import (DoubleStreamBlock, JointAttention, Modulation, TimeTextEmbedding, conditioning,
-                                   gated, modulated, patch_order, reference_init, zero_init)
+from pyraflow.archs.layers import (DoubleStreamBlock, JointAttention, Modulation, ReferenceTransformer,
+                                   TimeTextEmbedding, gated, modulated, patch_order, reference_init, zero_init)
 from pyraflow.config import ModelConfig
-from pyraflow.model import Context, PackedTransformer, rope_tables
+from pyraflow.model import Context, rope_tables
 from pyraflow.packing import Layout, PackedBatch
 
 QK_EPS = 1e-6
@@ -49,10 +49,6 @@ class FluxSingleBlock(nn.Module):
         out_text, out_visual = ctx.attention(text_qkv, visual_qkv)
         return self._finish(c, out_text, h_text, gate_text, ctx.text), self._finish(x, out_visual, h, gate, ctx.visual)
 
-    def forward_prefixed(self, x, cond, ctx: Context, cached):
-        visual_qkv, h, gate = self._stream(x, cond, ctx.visual, ctx.rope)
-        return self._finish(x, ctx.attention(visual_qkv, cached), h, gate, ctx.visual)
-
 
 def grid_ids(size: int, current: int) -> torch.Tensor:
     """Positions of ``size`` tokens along an axis the predicted latent has ``current`` of: 0..current-1, stretched
@@ -76,10 +72,8 @@ def reference_ids(layout: Layout) -> torch.Tensor:
     return torch.cat(pieces)
 
 
-class PyramidFlux(PackedTransformer):
+class PyramidFlux(ReferenceTransformer):
     arch = "flux"
-    text_step = 0  # the reference's text sits at temporal id 0: it sees the first frame
-    caches_history = False  # every token of a segment is conditioned on its current timestep
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -110,16 +104,5 @@ class PyramidFlux(PackedTransformer):
     def rope_for(self, layout: Layout, device: torch.device) -> torch.Tensor:
         return rope_tables(reference_ids(layout).to(device), self.config.axes(), self.config.rope_theta)
 
-    def forward(self, batch: PackedBatch, context: Context | None = None, prefix=None,
-                record: list | None = None) -> torch.Tensor:
-        """batch -> velocity tokens (Nv, C * p * p) in pyraflow's patch order, aligned with batch.visual."""
-        ctx = self._context(batch, context, prefix)
-        cond, cond_text = conditioning(self, batch, batch.layout, batch.visual.device)
-        x = self.x_embedder(batch.visual.index_select(-1, self.to_reference))
-        if prefix is not None:
-            for block, cached in zip(self.blocks, prefix.blocks):
-                x = block.forward_prefixed(x, cond, ctx, cached)
-        else:
-            _, x = self.run_blocks(self.blocks, self.context_embedder(batch.text), x, cond_text, cond, ctx, record)
-        scale, shift = self.norm_out(cond)
-        return self.proj_out(modulated(ctx.visual, x, shift, scale)).index_select(-1, self.from_reference)
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        return self.x_embedder(batch.visual.index_select(-1, self.to_reference))

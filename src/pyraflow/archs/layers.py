@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pyraflow.model import Context, RunBroadcast, apply_rope, timestep_embedding
+from pyraflow.model import Context, PackedTransformer, RunBroadcast, apply_rope, timestep_embedding
+from pyraflow.packing import PackedBatch
 
 LN_EPS = 1e-6  # every LayerNorm of both models: no affine, eps 1e-6
 
@@ -202,11 +203,6 @@ class DoubleStreamBlock(nn.Module):
         c = gated(ctx.text, c, self.ff_context(modulated(ctx.text, c, shift_mlp, scale_mlp)), gate_mlp)
         return c, x
 
-    def forward_prefixed(self, x, cond, ctx: Context, cached):
-        """The predicted tokens only, attending to the cached text and history keys/values."""
-        visual_qkv, mod = self._visual(x, cond, ctx)
-        return self._finish_visual(x, ctx.attention(visual_qkv, cached), mod, ctx)
-
 
 def patch_order(channels: int, patch: int) -> torch.Tensor:
     """Index that takes pyraflow's patch vector (c, p, q) to the reference's (p, q, c)."""
@@ -235,3 +231,29 @@ def reference_init(model: nn.Module) -> None:
         if isinstance(module, DoubleStreamBlock):
             zero += [module.norm1.linear, module.norm1_context.linear]
     zero_init(zero)
+
+
+class ReferenceTransformer(PackedTransformer):
+    """What both released architectures share: text at temporal step 0 (it sees the first frame), every token of a
+    sample conditioned on the sample's current timestep (so text and history change every step and are not
+    cached), the stream through ``blocks``, the continuous adaLN and ``proj_out`` written in the reference's patch
+    order (``from_reference`` takes it to pyraflow's). Subclasses define ``embed`` and ``blocks``."""
+
+    text_step = 0
+    caches_history = False
+
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, batch: PackedBatch, context: Context | None = None, prefix=None,
+                record: list | None = None) -> torch.Tensor:
+        """batch -> velocity tokens (Nv, C * p * p) in pyraflow's patch order, aligned with batch.visual."""
+        if prefix is not None:
+            raise ValueError(f"model.arch={self.arch!r} conditions text and history on the current timestep; it takes "
+                             "no history cache.")
+        ctx = self._context(batch, context, None)
+        cond, cond_text = conditioning(self, batch, batch.layout, batch.visual.device)
+        _, x = self.run_blocks(self.blocks, self.context_embedder(batch.text), self.embed(batch), cond_text, cond, ctx,
+                               record)
+        scale, shift = self.norm_out(cond)
+        return self.proj_out(modulated(ctx.visual, x, shift, scale)).index_select(-1, self.from_reference)

@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pyraflow.archs.layers import (DoubleStreamBlock, Modulation, TimeTextEmbedding, conditioning, modulated,
+from pyraflow.archs.layers import (DoubleStreamBlock, Modulation, ReferenceTransformer, TimeTextEmbedding,
                                    patch_order, reference_init)
 from pyraflow.config import ModelConfig
-from pyraflow.model import Context, PackedTransformer, rope_tables
+from pyraflow.model import rope_tables
 from pyraflow.packing import Layout, PackedBatch
 
 QK_EPS = 1e-5
@@ -73,10 +73,8 @@ class PatchEmbedding(nn.Module):
         return torch.cat(pieces)
 
 
-class PyramidSD3(PackedTransformer):
+class PyramidSD3(ReferenceTransformer):
     arch = "mmdit-sd3"
-    text_step = 0  # the reference's text sits at temporal id 0: it sees the first frame
-    caches_history = False  # every token of a segment is conditioned on its current timestep
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -107,17 +105,6 @@ class PyramidSD3(PackedTransformer):
         """Rotations over the whole head dim at each token's frame index (text: 0, the identity)."""
         return rope_tables(layout.positions[:, :1].to(device), [self.config.head_dim], self.config.rope_theta)
 
-    def forward(self, batch: PackedBatch, context: Context | None = None, prefix=None,
-                record: list | None = None) -> torch.Tensor:
-        """batch -> velocity tokens (Nv, C * p * p) in pyraflow's patch order, aligned with batch.visual."""
-        ctx = self._context(batch, context, prefix)
-        cond, cond_text = conditioning(self, batch, batch.layout, batch.visual.device)
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
         x = self.pos_embed(batch.visual)
-        x = x + self.pos_embed.positions(batch.layout).to(x.dtype)
-        if prefix is not None:
-            for block, cached in zip(self.blocks, prefix.blocks):
-                x = block.forward_prefixed(x, cond, ctx, cached)
-        else:
-            _, x = self.run_blocks(self.blocks, self.context_embedder(batch.text), x, cond_text, cond, ctx, record)
-        scale, shift = self.norm_out(cond)
-        return self.proj_out(modulated(ctx.visual, x, shift, scale)).index_select(-1, self.from_reference)
+        return x + self.pos_embed.positions(batch.layout).to(x.dtype)
