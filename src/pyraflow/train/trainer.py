@@ -256,12 +256,13 @@ class Trainer:
         (on the CPU, one tensor at a time) and writes it."""
         from pyraflow.text import save_null
 
-        buffers = {name: b.detach().cpu() for name, b in self.buffers.items()}
-        model_state = {**gather_to_main(self.names, self.params, self.info), **buffers}
-        ema_state = {**gather_to_main(self.names, self.ema, self.info), **buffers}
+        model_state = gather_to_main(self.names, self.params, self.info)
+        ema_state = gather_to_main(self.names, self.ema, self.info)
         optimizer_state = self._optimizer_state()
         if not self.info.is_main:
             return None
+        buffers = {name: b.detach().cpu() for name, b in self.buffers.items()}
+        model_state, ema_state = {**model_state, **buffers}, {**ema_state, **buffers}
 
         def writer(directory: Path) -> None:
             (directory / "config.json").write_text(json.dumps(self.config.model.__dict__, indent=2, default=list))
