@@ -218,7 +218,7 @@ def test_timestep_densities():
         assert (r > 0).all() and (r <= 1).all()
     # mode with scale > 0 puts more mass in the middle than uniform does
     mode = schedule(density="mode", mode_scale=1.29).sample_r(50_000, g)
-    uniform = schedule().sample_r(50_000, g)
+    uniform = schedule(density="uniform").sample_r(50_000, g)
     mid = lambda x: ((x > 0.25) & (x < 0.75)).float().mean().item()  # noqa: E731
     assert mid(mode) > mid(uniform) + 0.05
 

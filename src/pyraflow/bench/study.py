@@ -1,6 +1,7 @@
 """``pyraflow bench --full``: sample quality at equal compute.
 
-The MNIST demo's model is trained for the same wall time with four stage mixes — uniform, 25/50/25,
+The MNIST demo's model is trained for the same wall time (the steps that fit in it, timed first) with four stage
+mixes — uniform, 25/50/25,
 a progressive mix (50/30/20 moving linearly to 25/50/25 over the first 500 steps) and flat
 single-stage flow matching at full resolution — then each run is evaluated with ``pyraflow eval``
 (FID (EfficientNet-Lite0) and digit accuracy). Everything but the mix (and, for flat, the stage count)
@@ -22,6 +23,32 @@ STUDY_VARIANTS = {
 }
 
 
+CALIBRATION_STEPS = 25  # timed steps (after 5 untimed) that size each run to its minutes
+
+
+def steps_in(config, minutes: float, out_dir: Path) -> int:
+    """How many training steps of ``config`` fit in ``minutes``: the median of CALIBRATION_STEPS timed steps of a
+    throwaway run. Runs are then given that many steps, so a decaying LR schedule ends where the time does (and a
+    run stays deterministic, unlike one stopped by the clock); the time limit stays as a guard."""
+    import shutil
+    import statistics
+
+    from pyraflow.train import Trainer
+
+    trainer = Trainer(config, out_dir, progress=False)
+    try:
+        times = []
+        for i in range(5 + CALIBRATION_STEPS):
+            started = time.perf_counter()
+            trainer.train_step()
+            if i >= 5:
+                times.append(time.perf_counter() - started)
+    finally:
+        trainer.close()
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return max(1, int(minutes * 60 / statistics.median(times)))
+
+
 def quality_study(out_dir: str | Path, minutes: float = 10.0, seeds: list[int] | tuple[int, ...] = (0,),
                   num_eval: int = 200, progress: bool = True) -> dict:
     """Train and evaluate every variant for ``minutes`` with each seed (seed-major, so an interrupted study
@@ -34,10 +61,12 @@ def quality_study(out_dir: str | Path, minutes: float = 10.0, seeds: list[int] |
     runs: dict[str, list[dict]] = {name: [] for name in STUDY_VARIANTS}
     for seed in seeds:
         for name, overrides in STUDY_VARIANTS.items():
-            config = load_config(None, overrides + [f"train.seed={seed}", f"batching.seed={seed}", "train.steps=1000000",
-                                                    f"train.time_limit_minutes={minutes}", "train.sample_every=0",
-                                                    "train.checkpoint_every=0"])
+            settings = overrides + [f"train.seed={seed}", f"batching.seed={seed}", "train.sample_every=0",
+                                    "train.checkpoint_every=0"]
             run_dir = out_dir / f"seed{seed}" / name
+            steps = steps_in(load_config(None, settings), minutes, out_dir / f"seed{seed}" / f"{name}-calibration")
+            # the guard: a run slowed by something else on the machine still ends near its minutes
+            config = load_config(None, settings + [f"train.steps={steps}", f"train.time_limit_minutes={1.1 * minutes}"])
             started = time.perf_counter()
             summary = run_training(config, run_dir, progress=progress)
             result = evaluate(run_dir, num=num_eval, seed=seed, progress=progress)

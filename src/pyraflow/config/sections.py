@@ -69,8 +69,9 @@ class ScheduleConfig:
     """Block-noise correlation at stage jumps, in (0, 1/3]. Sets the corrected stage starts."""
     shift: float = 1.0
     """SD3 timestep shift applied to the boundary sigmas: sigma' = shift*sigma / (1 + (shift-1)*sigma)."""
-    density: str = "uniform"
-    """Training density of u = 1 - r: uniform, logit-normal (logit_mean, logit_std) or mode (mode_scale)."""
+    density: str = "logit-normal"
+    """Training density of u = 1 - r within each stage's window: logit-normal (logit_mean, logit_std; more draws in
+    the middle of the window, fewer at its ends where the target is easiest), uniform, or mode (mode_scale)."""
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
@@ -530,10 +531,10 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     steps: int = 1000
     """Optimizer steps in the run."""
-    lr: float = 3e-4
+    lr: float = 3e-3
     warmup_steps: int = 100
     """Linear learning-rate warmup from 0."""
-    lr_schedule: str = "constant"
+    lr_schedule: str = "cosine"
     """After warmup: ``constant``, or ``cosine`` decay to lr * min_lr_ratio at train.steps."""
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -545,8 +546,8 @@ class TrainConfig:
     """``fp32``, ``bf16`` (autocast, fp32 master weights) or ``auto``: bf16 on CUDA, fp32 on CPU. The choice is
     recorded in the run and a resume keeps it. (Whether bf16 pays on a given CPU depends on its matrix
     units: ``pyraflow bench`` times both.)"""
-    ema_decay: float = 0.995
-    """EMA decay per step; 0.995 averages over ~200 steps (short runs), long runs use ~0.9999."""
+    ema_decay: float = 0.99
+    """EMA decay per step; 0.99 averages over ~100 steps (short runs at a high LR), long runs use ~0.9999."""
     ema_warmup_steps: int = 100
     """The decay ramps linearly from 0 to ema_decay over these steps, so the EMA starts as the model itself."""
     text_dropout: float = 0.1
