@@ -13,6 +13,15 @@ def test_defaults_resolve_and_every_key_is_listed():
     assert "token_budget" in to_yaml(config)
 
 
+def test_the_demo_preset_is_the_built_in_defaults():
+    """`pyraflow train` alone runs the demo: configs/mnist.yaml and the dataclass defaults must not drift apart."""
+    from pathlib import Path
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "mnist.yaml"
+    assert load_config(preset) == load_config()
+    assert load_config(preset, ["train.lr=1e-4"]) != load_config()
+
+
 def test_yaml_file_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("schedule:\n  stages: 4\nbatching:\n  token_budget: 9000\n  mix:\n    ratio: uniform\n")

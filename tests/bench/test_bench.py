@@ -174,3 +174,22 @@ def test_the_shape_comparison_times_a_mixed_and_a_square_batch_of_the_same_stage
     result = shape_comparison(torch.device("cpu"), "fp32", steps=1, warmup=0, progress=False)
     assert result["mixed"]["groups"] == 9 and result["square"]["groups"] == 3
     assert result["mixed_cost_per_token"] > 0
+
+
+def test_the_quality_study_sizes_a_run_by_its_median_timed_step(tmp_path, monkeypatch):
+    """steps_in times real training steps of a throwaway run (here on a clock that advances 0.25 s per reading,
+    so every timed step takes 0.25 s) and returns the steps that fit in the minutes; the throwaway run is removed."""
+    import itertools
+    import types
+
+    from pyraflow.bench import study
+    from pyraflow.config import load_config
+
+    clock = itertools.count(0.0, 0.25)
+    monkeypatch.setattr(study, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    config = load_config(None, ["model.width=32", "model.depth=2", "model.num_heads=2", "batching.token_budget=400",
+                                "train.sample_every=0", "train.checkpoint_every=0"])
+    assert study.steps_in(config, minutes=1.5, out_dir=tmp_path / "calibration") == 360
+    # one reading per untimed step, two per timed one: every step ran
+    assert next(clock) == 0.25 * (study.CALIBRATION_WARMUP_STEPS + 2 * study.CALIBRATION_STEPS)
+    assert not (tmp_path / "calibration").exists()

@@ -1,10 +1,9 @@
 """``pyraflow bench --full``: sample quality at equal compute.
 
-The MNIST demo's model is trained for the same wall time (the steps that fit in it, timed first) with four stage
-mixes — uniform, 25/50/25,
-a progressive mix (50/30/20 moving linearly to 25/50/25 over the first 500 steps) and flat
-single-stage flow matching at full resolution — then each run is evaluated with ``pyraflow eval``
-(FID (EfficientNet-Lite0) and digit accuracy). Everything but the mix (and, for flat, the stage count)
+The MNIST demo's model is trained for the same wall time (the steps that fit in it, timed first) with four
+stage mixes — uniform, 25/50/25, a progressive mix (50/30/20 moving linearly to 25/50/25 over the first 500
+steps) and flat single-stage flow matching at full resolution — then each run is evaluated with ``pyraflow
+eval`` (FID (EfficientNet-Lite0) and digit accuracy). Everything but the mix (and, for flat, the stage count)
 stays as in the demo; flat sampling gets the pyramid's total number of Euler steps.
 """
 
@@ -23,7 +22,9 @@ STUDY_VARIANTS = {
 }
 
 
-CALIBRATION_STEPS = 25  # timed steps (after 5 untimed) that size each run to its minutes
+CALIBRATION_WARMUP_STEPS = 5  # untimed: the first steps pay for allocation and lazy initialisation
+CALIBRATION_STEPS = 25  # timed steps that size each run to its minutes
+TIME_LIMIT_SLACK = 1.1  # the guard: a run slowed by something else on the machine still ends near its minutes
 
 
 def steps_in(config, minutes: float, out_dir: Path) -> int:
@@ -31,17 +32,16 @@ def steps_in(config, minutes: float, out_dir: Path) -> int:
     throwaway run. Runs are then given that many steps, so a decaying LR schedule ends where the time does (and a
     run stays deterministic, unlike one stopped by the clock); the time limit stays as a guard."""
     import shutil
-    import statistics
 
     from pyraflow.train import Trainer
 
     trainer = Trainer(config, out_dir, progress=False)
     try:
         times = []
-        for i in range(5 + CALIBRATION_STEPS):
+        for i in range(CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS):
             started = time.perf_counter()
-            trainer.train_step()
-            if i >= 5:
+            trainer.train_step()  # returns host floats, so the step has finished on any device
+            if i >= CALIBRATION_WARMUP_STEPS:
                 times.append(time.perf_counter() - started)
     finally:
         trainer.close()
@@ -65,8 +65,8 @@ def quality_study(out_dir: str | Path, minutes: float = 10.0, seeds: list[int] |
                                     "train.checkpoint_every=0"]
             run_dir = out_dir / f"seed{seed}" / name
             steps = steps_in(load_config(None, settings), minutes, out_dir / f"seed{seed}" / f"{name}-calibration")
-            # the guard: a run slowed by something else on the machine still ends near its minutes
-            config = load_config(None, settings + [f"train.steps={steps}", f"train.time_limit_minutes={1.1 * minutes}"])
+            config = load_config(None, settings + [f"train.steps={steps}",
+                                                   f"train.time_limit_minutes={TIME_LIMIT_SLACK * minutes}"])
             started = time.perf_counter()
             summary = run_training(config, run_dir, progress=progress)
             result = evaluate(run_dir, num=num_eval, seed=seed, progress=progress)

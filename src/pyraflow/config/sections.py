@@ -532,6 +532,8 @@ class TrainConfig:
     steps: int = 1000
     """Optimizer steps in the run."""
     lr: float = 3e-3
+    """Peak learning rate. The default suits the small demo model's short run; large models want far less
+    (the GPU and fine-tuning presets use 1e-4)."""
     warmup_steps: int = 100
     """Linear learning-rate warmup from 0."""
     lr_schedule: str = "cosine"
