@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from pyraflow.attention import Attention, PrefixAttention, build_attention, resolve_backend
+from pyraflow import compilation
 from pyraflow.config import ModelConfig
 from pyraflow.packing import Layout, PackedBatch
 from pyraflow.storage import atomic_path
@@ -97,14 +98,19 @@ def _norm_modulate(x, shift, scale):
 
 
 class Context:
-    """What every block needs about the batch, computed once per batch and reusable across forwards."""
+    """What every block needs about the batch, computed once per batch and reusable across forwards.
 
-    def __init__(self, layout: Layout, attention: Attention | PrefixAttention, rope: torch.Tensor, device):
+    compiled: for compiled blocks, modulation reaches its tokens through one index gather, which the compiler fuses
+    into the kernels that read it."""
+
+    def __init__(self, layout: Layout, attention: Attention | PrefixAttention, rope: torch.Tensor, device,
+                 compiled: bool = False):
         self.layout = layout
         self.attention = attention
         self.rope = rope  # complex rotations: (Nv, 1, head_dim / 2)
-        self.visual = RunBroadcast(layout.run_lengths, device)
-        self.text = RunBroadcast(layout.text_lengths, device)
+        max_blocks = 0 if compiled else MAX_BROADCAST_BLOCKS
+        self.visual = RunBroadcast(layout.run_lengths, device, max_blocks)
+        self.text = RunBroadcast(layout.text_lengths, device, max_blocks)
 
 
 @dataclass
@@ -178,7 +184,7 @@ class MMDiTBlock(nn.Module):
         qv, kv, vv, mod_v = self._visual_qkv(x_visual, cond_visual, ctx)
         if record is not None:
             record.append((kt, vt, kv, vv))
-        out_text, out_visual = ctx.attention((qt, kt, vt), (qv, kv, vv))
+        out_text, out_visual = compilation.attend(ctx.attention, (qt, kt, vt), (qv, kv, vv))
         x_visual = self.visual.finish(x_visual, out_visual.flatten(-2), mod_v, ctx.visual)
         if not self.text.pre_only:
             x_text = self.text.finish(x_text, out_text.flatten(-2), mod_t, ctx.text)
@@ -191,7 +197,7 @@ class MMDiTBlock(nn.Module):
     def forward_prefixed(self, x_visual, cond_visual, ctx: Context, cached: tuple[torch.Tensor, ...]):
         """The visual stream of the predicted tokens only, attending to cached text and history keys/values."""
         qv, kv, vv, mod_v = self._visual_qkv(x_visual, cond_visual, ctx)
-        out_visual = ctx.attention((qv, kv, vv), cached)
+        out_visual = compilation.attend(ctx.attention, (qv, kv, vv), cached)
         return self.visual.finish(x_visual, out_visual.flatten(-2), mod_v, ctx.visual)
 
 
@@ -212,6 +218,7 @@ class PackedTransformer(nn.Module):
     config: ModelConfig
     arch = "mmdit"  # the model.arch this class implements
     text_step = -1  # text sees only text
+    compiled = False  # blocks compiled by pyraflow.compilation.compile_blocks
     caches_history = True  # text and history do not depend on the predicted latent's timestep, so can be cached
 
     def rope_for(self, layout: Layout, device: torch.device) -> torch.Tensor:
@@ -241,7 +248,7 @@ class PackedTransformer(nn.Module):
         else:
             attention = build_attention(layout, resolve_backend(cfg.attention, device, dtype), cfg.temporal_causal, device,
                                         text_step=self.text_step)
-        return Context(layout, attention, self.rope_for(layout, device), device)
+        return Context(layout, attention, self.rope_for(layout, device), device, self.compiled)
 
     def _context(self, batch: PackedBatch, context: Context | None, prefix: PrefixCache | None) -> Context:
         self._check(batch)

@@ -168,7 +168,7 @@ def test_finished_torchrun_jobs_always_exit_zero(tmp_path, parallel):
 
 def test_gradient_accumulation_takes_one_batch_per_micro_step(tmp_path):
     trainer = Trainer(tiny("train.grad_accum=3", "train.sample_every=0"), tmp_path / "run", progress=False)
-    metrics = trainer.train_step()
+    metrics = trainer.read_metrics(trainer.train_step())
     trainer.close()
     # the loader plans ahead; the position a checkpoint saves is that after the third consumed batch
     assert trainer.step == 1 and trainer.position["step"] == 3
@@ -199,12 +199,19 @@ def test_clear_errors(tmp_path, capsys):
 def test_non_finite_steps_are_skipped_then_the_run_stops_with_its_state_saved(tmp_path):
     out = tmp_path / "run"
     config = tiny("train.steps=50", "train.lr=1.0e+38", "train.warmup_steps=0", "train.grad_clip=0",
-                  "train.max_bad_steps=3", "train.sample_every=0", "train.checkpoint_every=0")
+                  "train.max_bad_steps=3", "train.sample_every=0", "train.checkpoint_every=0", "train.log_every=4")
     with pytest.raises(TrainingStopped, match="non-finite"):
         run_training(config, out, progress=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert sum(r["skipped"] for r in rows) == 3
-    assert (out / "checkpoints" / "latest" / "trainer.pt").is_file()
+    # the device is read at logging steps: the run stops at the first one after 3 bad steps in a row
+    last = rows[-1]
+    assert last["step"] % 4 == 0 and last["worst_bad_run"] >= 3 and last["bad_steps"] >= 3 and last["skipped"]
+    state = torch.load(out / "checkpoints" / "latest" / "trainer.pt", weights_only=False)
+    assert state["bad_steps"] == last["bad_steps"] and state["step"] == last["step"]
+    # skipped steps were not taken: AdamW counted only the finite ones
+    optimizer = torch.load(out / "checkpoints" / "latest" / "optimizer.pt", weights_only=False)
+    counts = {float(s["step"]) for s in optimizer["state"].values()}
+    assert counts == {last["step"] - last["bad_steps"]}
 
 
 def test_a_time_limit_stops_the_run_with_a_checkpoint(tmp_path):
@@ -226,3 +233,37 @@ def test_the_released_architectures_train_and_sample_in_a_run_of_our_own(tmp_pat
     assert main(["sample", "--checkpoint", str(out), "--prompt", "a handwritten digit three", "--num", "2",
                  "--steps", "2", "--out", str(tmp_path / "grid.png")]) == 0
     assert (tmp_path / "grid.png").stat().st_size > 100
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
+    """Between fetching batches, a step converts no tensor to a Python value (on a GPU each would wait for the
+    queue); metrics are read at logging steps only. The batcher and loader (host work) run unwatched."""
+    trainer = Trainer(tiny("train.grad_accum=2", "train.sample_every=0"), tmp_path / "run", progress=False)
+    trainer.read_metrics(trainer.train_step())  # the loader's start-up, outside the watch
+    reads, watching = [], [False]
+    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def watched(self, *args, _name=name, _original=original, **kwargs):
+            if watching[0]:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, watched)
+    fetch = trainer._next_batch
+
+    def unwatched_fetch():
+        watching[0] = False
+        try:
+            return fetch()
+        finally:
+            watching[0] = True
+
+    monkeypatch.setattr(trainer, "_next_batch", unwatched_fetch)
+    watching[0] = True
+    step = trainer.train_step()
+    watching[0] = False
+    trainer.close()
+    assert reads == []
+    metrics = trainer.read_metrics(step)  # the metrics are all there, read afterwards
+    assert metrics["loss"] > 0 and sum(metrics["samples_stage"]) > 0 and metrics["grad_norm"] > 0

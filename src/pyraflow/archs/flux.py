@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from pyraflow.archs.layers import (DoubleStreamBlock, JointAttention, Modulation, ReferenceTransformer,
                                    TimeTextEmbedding, gated, modulated, patch_order, reference_init, zero_init)
+from pyraflow import compilation
 from pyraflow.config import ModelConfig
 from pyraflow.model import Context, rope_tables
 from pyraflow.packing import Layout, PackedBatch
@@ -46,7 +47,7 @@ class FluxSingleBlock(nn.Module):
         text_qkv, h_text, gate_text = self._stream(c, cond_text, ctx.text, None)  # text at id 0: no rotation
         if record is not None:
             record.append((text_qkv[1], text_qkv[2], visual_qkv[1], visual_qkv[2]))
-        out_text, out_visual = ctx.attention(text_qkv, visual_qkv)
+        out_text, out_visual = compilation.attend(ctx.attention, text_qkv, visual_qkv)
         return self._finish(c, out_text, h_text, gate_text, ctx.text), self._finish(x, out_visual, h, gate, ctx.visual)
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pyraflow import compilation
 from pyraflow.model import Context, PackedTransformer, RunBroadcast, apply_rope, timestep_embedding
 from pyraflow.packing import PackedBatch
 
@@ -195,7 +196,7 @@ class DoubleStreamBlock(nn.Module):
         text_qkv = self.attn.text_qkv(modulated(ctx.text, c, shift, scale))
         if record is not None:
             record.append((text_qkv[1], text_qkv[2], visual_qkv[1], visual_qkv[2]))
-        out_text, out_visual = ctx.attention(text_qkv, visual_qkv)
+        out_text, out_visual = compilation.attend(ctx.attention, text_qkv, visual_qkv)
         x = self._finish_visual(x, out_visual, mod, ctx)
         if self.text_pre_only:
             return c, x

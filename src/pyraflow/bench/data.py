@@ -108,7 +108,7 @@ def measure(n: int, root: str, steps: int, warmup: int, workers: int, progress: 
     trainer = Trainer(config, Path(root) / f"run-{n}", progress=False)
     baseline = TreeMemory().current()
     with TreeMemory() as memory:
-        metrics = [trainer.train_step() for _ in tqdm(range(warmup + steps), desc=f"bench data {n}", disable=not progress)]
+        metrics = [trainer.read_metrics(trainer.train_step()) for _ in tqdm(range(warmup + steps), desc=f"bench data {n}", disable=not progress)]
     trainer.close()
     timed = metrics[warmup:]
     step_s = sum(m["seconds"] for m in timed)

@@ -16,20 +16,23 @@ from tqdm import tqdm
 
 from pyraflow.bench.standard import (BACKEND_VARIANTS, CUDA_VARIANTS, ROWS, SCALING_VARIANTS, STANDARD_STAGES,
                                      THROUGHPUT_VARIANTS, VARIANTS, VISUAL_TOKENS, SavedBytes, TrainStep,
-                                     accounted_memory_mb, cuda_peak_memory_mb, machine, matmul_peak_gflops,
-                                     standard_batch, standard_model_config, training_flops, variant_names,
-                                     variant_precisions)
+                                     accounted_memory_mb, cuda_peak_memory_mb, host_precisions, machine,
+                                     matmul_peak_gflops, standard_batch, standard_model_config, training_flops,
+                                     variant_names, variant_precisions)
+from pyraflow.compilation import compilations, compile_blocks, toolchain
 from pyraflow.model import MultiStageMMDiT
 from pyraflow.packing import PackedBatch, Sample, pack
 from pyraflow.train.optim import make_optimizer
 
 
-def _sampling_fixture(device: torch.device, captions: int, **model_overrides):
+def _sampling_fixture(device: torch.device, captions: int, compiled: bool = False, **model_overrides):
     """The standard model (seeded) in eval mode, ``captions`` random 24-token captions and a null caption."""
     from pyraflow.text import TextEmbedding
 
     torch.manual_seed(0)
     model = MultiStageMMDiT(standard_model_config(attention="auto", **model_overrides)).to(device).eval()
+    if compiled:
+        compile_blocks(model)
     g = torch.Generator().manual_seed(0)
     text = TextEmbedding(torch.randn(captions, 24, 384, generator=g), torch.full((captions,), 24),
                          torch.randn(captions, 384, generator=g))
@@ -37,25 +40,29 @@ def _sampling_fixture(device: torch.device, captions: int, **model_overrides):
     return model, text, null
 
 
-def sampling_comparison(device: torch.device, images: int = 16, total_steps: int = 30, repeats: int = 2) -> dict:
+def sampling_comparison(device: torch.device, images: int = 16, total_steps: int = 30, repeats: int = 2,
+                        compiled: bool = False) -> dict:
     """Wall time of 3-stage pyramidal sampling against flat full-resolution flow sampling with the same
     total number of Euler steps and the same model (standard config, 32x32 latents, guidance on);
-    alternated, median over ``repeats`` runs each."""
+    alternated, median over ``repeats`` runs each. compiled: the blocks compiled (a first untimed round of each
+    pays the compilation)."""
     from pyraflow.config import ScheduleConfig
     from pyraflow.sample import sample_pyramid
     from pyraflow.schedule import PyramidSchedule
 
-    model, text, null = _sampling_fixture(device, images)
-    result = {"images": images, "total_steps": total_steps, "latent": [4, 1, 32, 32], "repeats": repeats}
+    model, text, null = _sampling_fixture(device, images, compiled)
+    result = {"images": images, "total_steps": total_steps, "latent": [4, 1, 32, 32], "repeats": repeats,
+              "compiled": compiled}
     runs: dict[str, list[tuple[float, list[float]]]] = {"pyramid": [], "flat": []}
-    for _ in range(repeats):
+    for round_ in range(repeats + compiled):
         for name, stages in (("pyramid", 3), ("flat", 1)):
             schedule = PyramidSchedule(ScheduleConfig(stages=stages))
             steps = [total_steps // stages] * stages
             start = time.perf_counter()
             _, per_stage = sample_pyramid(model, schedule, text, null, (4, 1, 32, 32), steps, 3.0,
                                           torch.Generator(device=device).manual_seed(1))
-            runs[name].append((time.perf_counter() - start, per_stage))
+            if round_ >= compiled:
+                runs[name].append((time.perf_counter() - start, per_stage))
     for name, rs in runs.items():
         result[f"{name}_s"] = statistics.median(t for t, _ in rs)
         result[f"{name}_stage_s"] = [statistics.median(p[k] for _, p in rs) for k in range(len(rs[0][1]))]
@@ -129,12 +136,14 @@ def _saved_bytes(model: MultiStageMMDiT, batch: PackedBatch) -> int:
     return saved.total
 
 
-def stability(steps: int = 300, text_tokens: int = 24) -> dict:
+def stability(steps: int = 300, text_tokens: int = 24, compiled_steps: bool = False,
+              device: torch.device = torch.device("cpu")) -> dict:
     """Tokens and memory per step over ``steps`` steps while the stage mix moves mid-run (linear from
     50/30/20 at step 100 to 25/50/25 at step 200), for token-budget batches against a fixed 16 samples
     per batch (the reference's way). Memory per step is accounted exactly (parameters, gradients, AdamW
     state, saved activations) for the standard model; it depends only on the per-stage counts, so each
-    distinct count vector is measured once."""
+    distinct count vector is measured once. compiled_steps: also count recompilations of compiled blocks over the
+    token-budget batches (``recompilations``)."""
     from pyraflow.batching import TokenBudgetBatcher, build_mix
     from pyraflow.config import BatchingConfig, MixConfig
 
@@ -156,6 +165,7 @@ def stability(steps: int = 300, text_tokens: int = 24) -> dict:
         return memo[key]
 
     def run(config: BatchingConfig) -> dict:
+        sequence.clear()
         mix = MixConfig(kind="linear", points=points)
         batcher = TokenBudgetBatcher(config, segment, build_mix(mix, 3), 100_000)
         tokens, mem = [], []
@@ -163,17 +173,48 @@ def stability(steps: int = 300, text_tokens: int = 24) -> dict:
             batch = batcher.next_batch()
             tokens.append(batch.tokens)
             mem.append(memory(batch.counts))
+            sequence.append(list(batch.counts))
         t = torch.tensor(tokens, dtype=torch.float64)
         m = torch.tensor(mem, dtype=torch.float64)
         return {"tokens_mean": float(t.mean()), "tokens_cv": float(t.std(unbiased=False) / t.mean()),
                 "peak_mem_mb_mean": float(m.mean()), "peak_mem_mb_min": float(m.min()), "peak_mem_mb_max": float(m.max()),
                 "peak_mem_range_frac": float((m.max() - m.min()) / m.mean())}
 
+    sequence: list[list[int]] = []
     budget = sum(n * s for (_, _, n), s in zip(STANDARD_STAGES, segment))  # the standard batch's tokens
     token_budget = run(BatchingConfig(token_budget=budget))
+    budget_batches = list(sequence)
     fixed = run(BatchingConfig(token_budget=10**9, max_samples=16, batch_multiple=16))
-    return {"steps": steps, "mix": "50/30/20 until step 100, linear to 25/50/25 at step 200", "token_budget": budget,
-            **{k: v for k, v in token_budget.items()}, "fixed_batch": fixed}
+    out = {"steps": steps, "mix": "50/30/20 until step 100, linear to 25/50/25 at step 200", "token_budget": budget,
+           **{k: v for k, v in token_budget.items()}, "fixed_batch": fixed}
+    if compiled_steps:
+        out["compiled"] = recompilations(budget_batches, device)
+    return out
+
+
+def recompilations(batches: list[list[int]], device: torch.device) -> dict:
+    """Compilations of the compiled blocks over a sequence of token-budget batches (per-stage counts; random
+    samples, text of 16-32 tokens): training steps of the standard layout on a width-64 model, since what
+    recompiles is the shapes and layouts, not the width (its parameter shapes are new, so its first batch compiles)."""
+    g = torch.Generator().manual_seed(1)
+    step = TrainStep("grouped", "fp32", device, compiled=True, width=64, num_heads=2)
+    start = compilations()
+    after_first = None
+    for counts in tqdm(batches, desc="bench recompilations", leave=False):
+        samples = [Sample(stage, torch.randn(4, 1, side, side, generator=g),
+                          torch.randn(int(torch.randint(16, 33, (1,), generator=g)), 384, generator=g),
+                          torch.randn(384, generator=g), float(torch.rand((), generator=g) * 1000))
+                   for (stage, side, _), n in zip(STANDARD_STAGES, counts) for _ in range(n)]
+        batch = pack(samples, 3, 2, 4, 384, 384).to(device)
+        context = step.model.prepare(batch.layout, step.device)
+        torch.nn.functional.mse_loss(step.model(batch, context), torch.randn_like(batch.visual)).backward()
+        step.optimizer.step()
+        step.optimizer.zero_grad(set_to_none=True)
+        if after_first is None:
+            after_first = compilations() - start
+    return {"batches": len(batches), "compilations_first_batch": after_first,
+            "recompilations_after_first_batch": compilations() - start - after_first,
+            "distinct_token_counts": len({tuple(c) for c in batches})}
 
 
 def alternate(runners: dict, steps: int, warmup: int, device: torch.device, desc: str, progress: bool) -> dict:
@@ -191,6 +232,31 @@ def alternate(runners: dict, steps: int, warmup: int, device: torch.device, desc
             if i >= warmup:
                 times[key].append(time.perf_counter() - start)
     return times
+
+
+def compile_comparison(device: torch.device, precisions: tuple[str, ...], peaks: dict[str, float], steps: int = 10,
+                       warmup: int = 2, progress: bool = True) -> dict:
+    """The standard step eager against compiled blocks (pyraflow.compilation), per precision, alternated round by
+    round, medians: ms/step, visual tokens/s, MFU; and the first compiled step's extra time (the compilation)."""
+    flops = training_flops(standard_batch(), standard_model_config())
+    out = {"precisions": list(precisions), "steps": steps}
+    for p in precisions:
+        runners = {"eager": TrainStep("grouped", p, device), "compiled": TrainStep("grouped", p, device, compiled=True)}
+        before = compilations()
+        started = time.perf_counter()
+        runners["compiled"]()  # compiles (or reuses what an earlier precision compiled, where guards allow)
+        first = time.perf_counter() - started
+        times = alternate(runners, steps, warmup, device, f"bench compile {p}", progress)
+        entry = {"compilations": compilations() - before}
+        for name, ts in times.items():
+            seconds = statistics.median(ts)
+            entry[name] = {"ms_per_step": 1000 * seconds, "visual_tokens_per_s": VISUAL_TOKENS / seconds,
+                           "mfu": flops / seconds / 1e9 / peaks[p]}
+        entry["first_step_s"] = first
+        entry["compile_s"] = first - entry["compiled"]["ms_per_step"] / 1000
+        entry["speedup"] = entry["eager"]["ms_per_step"] / entry["compiled"]["ms_per_step"]
+        out[p] = entry
+    return out
 
 
 def shape_comparison(device: torch.device, precision: str, steps: int = 10, warmup: int = 2,
@@ -218,10 +284,15 @@ def scaling_comparison(device: torch.device, scales: list[int], precisions: dict
     """The standard batch with latent sides times each scale: pyraflow, the reference's rows and one stage per
     step, alternated round by round, medians. Padding is left out (at scale 4 it is 16 x 4,128 tokens).
     precisions: the precision each variant was fastest in on the standard config."""
-    out = {"steps": steps, "variants": list(SCALING_VARIANTS), "scales": {}}
+    out = {"steps": steps, "variants": list(SCALING_VARIANTS) + (["pyraflow_compiled"] if "compiled" in precisions else []),
+           "scales": {}}
     for scale in scales:
         runners = {label: TrainStep(name, precisions.get(name, "fp32"), device, scale=scale)
                    for label, name in SCALING_VARIANTS.items()}
+        # compiled blocks (where the toolchain allows), in the precision they were fastest in on the standard config
+        if "compiled" in precisions:
+            runners["pyraflow_compiled"] = TrainStep("grouped", precisions.get("compiled", "fp32"), device, scale=scale,
+                                                 compiled=True)
         times = alternate(runners, steps, warmup, device, f"bench scale {scale}", progress)
         batch = runners["pyraflow"].batch
         visual = batch.layout.num_visual
@@ -249,16 +320,18 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
     # the peak is the best of two moments (before and after the steps): one short measurement taken while the
     # host is busy can read far below the machine's peak, and every MFU read against it would be inflated
     peak_size = 8192 if device.type == "cuda" else 2048  # a GPU needs a large product to reach its peak
+    dtypes = {p: dtypes[p] for p in timed}
     peak_runs = {p: [matmul_peak_gflops(dtype, device, peak_size)] for p, dtype in dtypes.items()}
-    runs = [(n, p) for n in names for p in variant_precisions(n)]
+    timed, why = host_precisions(device)
+    runs = [(n, p) for n in names for p in variant_precisions(n, device)]
     runners = {(n, p): TrainStep(n, p, device) for n, p in runs}
     times = alternate(runners, steps, warmup, device, "bench rounds", progress)
     flops = training_flops(standard_batch(), standard_model_config())
-    result = {"machine": machine(), "config": {"blocks": 4, "width": 256, "heads": 4, "patch": 2, "channels": 4,
+    result = {"machine": machine(), "precisions": {"timed": list(timed), "why": why}, "config": {"blocks": 4, "width": 256, "heads": 4, "patch": 2, "channels": 4,
               "stages": [8, 16, 32], "samples_per_stage": [4, 8, 4], "visual_tokens": VISUAL_TOKENS,
               "gflop_per_step": flops / 1e9, "steps": steps}, "variants": {}}
     for name in names:
-        fastest = min(variant_precisions(name), key=lambda p: statistics.median(times[(name, p)]))
+        fastest = min(variant_precisions(name, device), key=lambda p: statistics.median(times[(name, p)]))
         ms = 1000 * statistics.median(times[(name, fastest)])
         layout, backend, modulation = {**VARIANTS, **CUDA_VARIANTS}[name]
         runner = runners[(name, fastest)]
@@ -274,7 +347,8 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
             "attention": backend,
             "modulation": modulation,
             "model_gflops": flops / 1e9 / (ms / 1000),
-            "ms_per_step_by_precision": {p: 1000 * statistics.median(times[(name, p)]) for p in variant_precisions(name)},
+            "ms_per_step_by_precision": {p: 1000 * statistics.median(times[(name, p)])
+                                         for p in variant_precisions(name, device)},
         }
     variants_out = result["variants"]
     result["backends"] = {n: variants_out[n] for n in BACKEND_VARIANTS if n in variants_out}
@@ -292,20 +366,28 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
     if base:
         result["mfu"] = {
             "fp32_peak_gflops": peaks["fp32"],
-            "bf16_peak_gflops": peaks["bf16"],
+            "bf16_peak_gflops": peaks.get("bf16"),
             "peak_gflops_observed": peak_runs,
             "variant": "grouped",
             "fraction_of_fp32_peak": flops / 1e9 / (base["ms_per_step_by_precision"]["fp32"] / 1000) / peaks["fp32"],
-            "fraction_of_bf16_peak": flops / 1e9 / (base["ms_per_step_by_precision"]["bf16"] / 1000) / peaks["bf16"],
+            **({"fraction_of_bf16_peak": flops / 1e9 / (base["ms_per_step_by_precision"]["bf16"] / 1000) / peaks["bf16"]}
+               if "bf16" in peaks else {}),
             "wide": wide_mfu(device, peaks["fp32"]),
         }
     result["shapes"] = shape_comparison(device, variants_out["grouped"]["precision"] if "grouped" in variants_out
                                         else "fp32", steps, warmup, progress)
+    can_compile, toolchain_note = toolchain(device)
+    result["compile"] = (compile_comparison(device, timed, peaks, steps, warmup, progress) if can_compile
+                         else {"skipped": toolchain_note})
     result["sampling"] = sampling_comparison(device)
+    if can_compile:
+        result["sampling_compiled"] = sampling_comparison(device, compiled=True)
     result["history_cache"] = history_cache_comparison(device)
-    result["stability"] = stability()
+    result["stability"] = stability(compiled_steps=can_compile, device=device)
     if scales:
         fastest = {n: v["precision"] for n, v in variants_out.items()}
+        if can_compile:
+            fastest["compiled"] = min(timed, key=lambda p: result["compile"][p]["compiled"]["ms_per_step"])
         result["scaling"] = scaling_comparison(device, scales, fastest, progress=progress)
     return result
 
@@ -313,15 +395,25 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
 def format_bench(result: dict) -> str:
     m = result["machine"]
     lines = [f"{m['cpu']} ({m['cores']} cores, {m['threads']} threads), torch {m['torch']}, {m['date']}",
+             f"precisions timed: {', '.join(result['precisions']['timed'])} ({result['precisions']['why']})",
              f"{'variant':<30} {'precision':<9} {'ms/step':>8} {'visual tok/s':>12} {'GFLOP/s':>8} {'memory MB':>9}"]
     for name, r in result["variants"].items():
         lines.append(f"{name:<30} {r['precision']:<9} {r['ms_per_step']:>8.1f} {r['visual_tokens_per_s']:>12.0f} "
                      f"{r['model_gflops']:>8.1f} {r['peak_mem_mb']:>9.1f}")
     if "mfu" in result:
         mfu = result["mfu"]
-        lines.append(f"matmul peak: fp32 {mfu['fp32_peak_gflops']:.0f} GFLOP/s, bf16 {mfu['bf16_peak_gflops']:.0f}; grouped "
-                     f"reaches {100 * mfu['fraction_of_fp32_peak']:.0f}% of fp32 peak, {100 * mfu['fraction_of_bf16_peak']:.0f}% of bf16 peak; "
+        bf16 = (f", bf16 {mfu['bf16_peak_gflops']:.0f}" if mfu.get("bf16_peak_gflops") else "")
+        bf16_share = (f", {100 * mfu['fraction_of_bf16_peak']:.0f}% of bf16 peak" if "fraction_of_bf16_peak" in mfu else "")
+        lines.append(f"matmul peak: fp32 {mfu['fp32_peak_gflops']:.0f} GFLOP/s{bf16}; grouped "
+                     f"reaches {100 * mfu['fraction_of_fp32_peak']:.0f}% of fp32 peak{bf16_share}; "
                      f"width 384 with 280-token segments: {100 * mfu['wide']['fraction_of_fp32_peak']:.0f}% of fp32 peak")
+    if "skipped" in result["compile"]:
+        lines.append(f"compiled blocks: not timed ({result['compile']['skipped']})")
+    for p in result["compile"].get("precisions", []):
+        c = result["compile"][p]
+        lines.append(f"compiled blocks, {p}: {c['compiled']['ms_per_step']:.1f} ms/step vs eager {c['eager']['ms_per_step']:.1f} "
+                     f"({c['speedup']:.2f}x; MFU {100 * c['compiled']['mfu']:.0f}% vs {100 * c['eager']['mfu']:.0f}%), "
+                     f"compilation {c['compile_s']:.0f} s, {c['compilations']} compiled frame(s)")
     sh = result["shapes"]
     lines.append(f"mixed shapes (portrait, square, landscape): {sh['mixed']['ms_per_step']:.1f} ms/step for "
                  f"{sh['mixed']['visual_tokens']} visual tokens in {sh['mixed']['groups']} groups; all square "
@@ -331,6 +423,10 @@ def format_bench(result: dict) -> str:
     lines.append(f"sampling {sp['images']} images, {sp['total_steps']} steps: pyramid {sp['pyramid_s']:.2f} s "
                  f"(per stage {', '.join(f'{t:.2f}' for t in sp['pyramid_stage_s'])}), flat {sp['flat_s']:.2f} s, "
                  f"{sp['ratio']:.2f}x faster")
+    sc = result.get("sampling_compiled")
+    if sc:
+        lines.append(f"  compiled: pyramid {sc['pyramid_s']:.2f} s, flat {sc['flat_s']:.2f} s, {sc['ratio']:.2f}x faster; "
+                 f"compiled pyramid vs eager pyramid {sp['pyramid_s'] / sc['pyramid_s']:.2f}x")
     hc = result["history_cache"]
     lines.append(f"video sampling, {hc['videos']} videos of {hc['latent'][1]} frames: history cache {hc['cached_s']:.2f} s, "
                  f"recomputed {hc['recomputed_s']:.2f} s, {hc['speedup']:.2f}x faster ({hc['last_unit_speedup']:.2f}x on the last unit)")
@@ -338,10 +434,18 @@ def format_bench(result: dict) -> str:
     lines.append(f"stability over {st['steps']} steps ({st['mix']}): token budget: tokens CV {100 * st['tokens_cv']:.2f}%, "
                  f"memory range {100 * st['peak_mem_range_frac']:.1f}% of mean; fixed 16 samples: tokens CV "
                  f"{100 * st['fixed_batch']['tokens_cv']:.2f}%, memory range {100 * st['fixed_batch']['peak_mem_range_frac']:.1f}%")
+    if "compiled" in st:
+        rc = st["compiled"]
+        lines.append(f"compiled blocks over those {rc['batches']} batches ({rc['distinct_token_counts']} distinct stage counts): "
+                     f"{rc['compilations_first_batch']} compiled frame(s) at the first batch, "
+                     f"{rc['recompilations_after_first_batch']} recompilation(s) after it")
     for scale, e in result.get("scaling", {}).get("scales", {}).items():
         lines.append(f"scale {scale} ({e['visual_tokens']} visual tokens, rows of {e['row_tokens']} tokens): pyraflow "
                      f"{e['pyraflow']['ms_per_step']:.0f} ms/step; reference rows {e['reference_columns']['pyraflow_speedup']:.2f}x, "
-                     f"one stage per step {e['per_stage']['pyraflow_speedup']:.2f}x slower")
+                     f"one stage per step {e['per_stage']['pyraflow_speedup']:.2f}x slower" + (
+                         f"; compiled {e['pyraflow_compiled']['ms_per_step']:.0f} ms/step "
+                         f"({1 / e['pyraflow_compiled']['pyraflow_speedup']:.2f}x eager, {e['pyraflow_compiled']['precision']})"
+                         if "pyraflow_compiled" in e else ""))
     if "quality" in result:
         q = result["quality"]
         lines.append(f"quality at equal compute ({q['minutes_per_variant']:g} min each, seeds {q['seeds']}, "

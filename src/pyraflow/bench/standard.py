@@ -19,6 +19,7 @@ import time
 import torch
 
 from pyraflow.bench.baselines import DenseMaskAttention, RowAttention, per_token_modulation
+from pyraflow.compilation import compile_blocks
 from pyraflow.config import ModelConfig
 from pyraflow.model import MultiStageMMDiT, linear_flops_per_token
 from pyraflow.packing import PackedBatch, Sample, pack
@@ -113,8 +114,22 @@ def variant_names(device: torch.device) -> list[str]:
     return names
 
 
-def variant_precisions(name: str) -> tuple[str, ...]:
-    return ("bf16",) if name == "flash" else ("fp32", "bf16")  # flash-attn computes in half precision only
+def host_precisions(device: torch.device) -> tuple[tuple[str, ...], str]:
+    """The precisions worth timing on this device, and why, from the CPU capability torch reports (never a timing):
+    on a CPU below AVX-512 (torch's capability "AVX2" or lower) bf16 has no fast path and runs emulated, on one
+    thread, so a bench of every variant in bf16 there takes far longer than it tells anything."""
+    if device.type == "cuda":
+        return ("fp32", "bf16"), "CUDA"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512") or capability.startswith("SVE") or capability == "ZVECTOR":
+        return ("fp32", "bf16"), f"CPU capability {capability}"
+    return ("fp32",), f"CPU capability {capability}: no fast bf16 path (bf16 would run emulated), so fp32 only"
+
+
+def variant_precisions(name: str, device: torch.device = torch.device("cpu")) -> tuple[str, ...]:
+    if name == "flash":
+        return ("bf16",)  # flash-attn computes in half precision only
+    return host_precisions(device)[0]
 
 
 class TrainStep:
@@ -129,12 +144,15 @@ class TrainStep:
     """
 
     def __init__(self, variant: str, precision: str, device: torch.device, seed: int = 0, scale: int = 1,
-                 samples: list[Sample] | None = None):
-        """samples: train on these, packed (layout ``packed``), instead of the standard batch."""
+                 samples: list[Sample] | None = None, compiled: bool = False, **model_overrides):
+        """samples: train on these, packed (layout ``packed``), instead of the standard batch. compiled: the blocks
+        compiled (pyraflow.compilation)."""
         layout, backend, modulation = {**VARIANTS, **CUDA_VARIANTS}[variant]
         torch.manual_seed(seed)
         product = backend if backend in ("grouped", "flex", "flash") else "grouped"
-        self.model = MultiStageMMDiT(standard_model_config(attention=product)).to(device)
+        self.model = MultiStageMMDiT(standard_model_config(attention=product, **model_overrides)).to(device)
+        if compiled:
+            compile_blocks(self.model)
         self.optimizer = make_optimizer(list(self.model.parameters()), lr=1e-4, weight_decay=0.0)
         self.device, self.precision = device, precision
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -166,11 +184,11 @@ class TrainStep:
                 out = self.model(batch, context)
             yield torch.nn.functional.mse_loss(out.float(), target)
 
-    def __call__(self) -> float:
+    def __call__(self) -> torch.Tensor:
         total = 0.0
         for loss in self.losses():
             loss.backward()
-            total += loss.item()
+            total += loss.detach()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total

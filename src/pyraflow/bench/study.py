@@ -40,7 +40,7 @@ def steps_in(config, minutes: float, out_dir: Path) -> int:
         times = []
         for i in range(CALIBRATION_WARMUP_STEPS + CALIBRATION_STEPS):
             started = time.perf_counter()
-            trainer.train_step()  # returns host floats, so the step has finished on any device
+            trainer.read_metrics(trainer.train_step())  # reading the metrics waits for the step on any device
             if i >= CALIBRATION_WARMUP_STEPS:
                 times.append(time.perf_counter() - started)
     finally:

@@ -28,6 +28,15 @@ def check_choice(key: str, value, options: tuple[str, ...]) -> None:
         raise ValueError(f"{key}={value!r} is unknown; use one of {', '.join(options)}.")
 
 
+def compile_setting(key: str, value) -> str | bool:
+    """auto, true or false (also the strings 'true' / 'false' of a command line)."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if not (value == "auto" or isinstance(value, bool)):
+        raise ValueError(f"{key}={value!r} is unknown; use auto, true or false.")
+    return value
+
+
 def check_integer(key: str, value, minimum: int = 1, note: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{key}={value!r} must be an integer >= {minimum}{note}.")
@@ -570,6 +579,11 @@ class TrainConfig:
     """torch CPU threads (None: torch's default)."""
     time_limit_minutes: float | None = None
     """Stop (with a checkpoint) once training has run this long, even before train.steps: equal-compute runs."""
+    compile: str | bool = "auto"
+    """Compile each transformer block (torch.compile, dynamic token counts; attention stays eager between the two
+    compiled halves): ``true``, ``false`` or ``auto`` (on where the device has a compiler toolchain: a C++ compiler
+    on CPU, Triton on CUDA; the decision is logged). The first steps pay the compilation (tens of seconds on a small
+    CPU); BENCHMARKS.md has what it gains per host and precision."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "grad_accum", "log_every", "max_bad_steps"):
@@ -583,6 +597,7 @@ class TrainConfig:
         check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
         check_range("train.min_lr_ratio", self.min_lr_ratio, 0, 1)
         check_choice("train.precision", self.precision, PRECISIONS)
+        self.compile = compile_setting("train.compile", self.compile)
         if self.time_limit_minutes is not None and self.time_limit_minutes <= 0:
             raise ValueError(f"train.time_limit_minutes={self.time_limit_minutes} must be > 0 (or null).")
         if self.collective_timeout_minutes <= 0:
@@ -609,8 +624,12 @@ class SampleConfig:
     per_prompt: int = 8
     """Images per prompt in those grids."""
     seed: int = 0
+    compile: str | bool = "auto"
+    """Compile each transformer block for sampling (as train.compile; ``pyraflow sample`` and the grids written
+    during training)."""
 
     def __post_init__(self) -> None:
+        self.compile = compile_setting("sample.compile", self.compile)
         steps = [self.steps] if isinstance(self.steps, int) else list(self.steps)
         if not steps or any(not isinstance(s, int) or s < 1 for s in steps):
             raise ValueError(f"sample.steps={self.steps!r} must be a positive integer or a list of them (one per stage).")

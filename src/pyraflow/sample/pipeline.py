@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from pyraflow.compilation import compile_blocks, resolve_compile
 from pyraflow.config import Config
 from pyraflow.media import write_grid
 from pyraflow.lora import trained_model
@@ -29,6 +30,8 @@ class Pipeline:
                  null: TextEmbedding):
         self.config, self.model, self.schedule = config, model.eval(), schedule
         self.text_encoder, self.latent_space, self.null = text_encoder, latent_space, null
+        if resolve_compile(config.sample.compile, self.device, "sample.compile"):
+            compile_blocks(model)
 
     @property
     def device(self) -> torch.device:

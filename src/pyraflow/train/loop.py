@@ -64,22 +64,25 @@ def train(trainer: Trainer, max_steps: int | None = None) -> dict:
             m = trainer.train_step()
             step = trainer.step
             bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
-            if metrics and (step % tc.log_every == 0 or step == target or m["skipped"]):
-                metrics.log(m)
-            if trainer.consecutive_bad >= tc.max_bad_steps:
-                trainer.save()
-                raise TrainingStopped(
-                    f"{trainer.consecutive_bad} steps in a row had a non-finite loss or gradient (last at step {step}); "
-                    f"state saved in {out}/checkpoints/latest. Lower train.lr, raise train.warmup_steps or check the "
-                    "data, then continue with --resume."
-                )
+            # the device is read only here, at logging steps (and for an adaptive mix), never inside the step
+            if step % tc.log_every == 0 or step == target:
+                m = trainer.read_metrics(m)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+                if metrics:
+                    metrics.log(m)
+                if m["worst_bad_run"] >= tc.max_bad_steps:
+                    trainer.save()
+                    raise TrainingStopped(
+                        f"{m['worst_bad_run']} steps in a row had a non-finite loss or gradient (seen at step {step}); "
+                        f"state saved in {out}/checkpoints/latest. Lower train.lr, raise train.warmup_steps or check "
+                        "the data, then continue with --resume."
+                    )
             if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                 trainer.save()
                 last_saved = step
             if tc.sample_every and step % tc.sample_every == 0 and step != target:
                 write_training_grid(trainer, out / "samples" / f"step-{step:06d}.png")
-            if tc.time_limit_minutes and _out_of_time(trainer, started, tc.time_limit_minutes):
+            if tc.time_limit_minutes and _out_of_time(trainer, started, tc.time_limit_minutes, step % tc.log_every == 0):
                 break
     finally:
         bar.close()
@@ -90,21 +93,27 @@ def train(trainer: Trainer, max_steps: int | None = None) -> dict:
         trainer.save()
     timings = write_training_grid(trainer, out / "samples" / f"step-{trainer.step:06d}.png")
     summary = {"run_dir": str(out), "steps": trainer.step, "seconds": time.perf_counter() - started,
-               "precision": trainer.precision, "bad_steps": trainer.bad_steps, "sample_seconds_per_stage": timings}
+               "precision": trainer.precision, "compiled": trainer.compiled, "bad_steps": int(trainer.bad_steps),
+               "sample_seconds_per_stage": timings}
     if info.is_main:
         plot_losses(out / "metrics.jsonl", out / "loss.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _out_of_time(trainer: Trainer, started: float, minutes: float) -> bool:
-    """Whether the time limit is reached; under torchrun every rank follows rank 0's clock."""
-    late = torch.tensor([float(time.perf_counter() - started > 60 * minutes)], device=trainer.info.device)
-    if trainer.info.enabled:
-        import torch.distributed as dist
+def _out_of_time(trainer: Trainer, started: float, minutes: float, logging_step: bool) -> bool:
+    """Whether the time limit is reached. A single process reads its clock every step; under torchrun every rank
+    follows rank 0's clock, agreed by a broadcast (which waits for the device) at logging steps only."""
+    late = time.perf_counter() - started > 60 * minutes
+    if not trainer.info.enabled:
+        return late
+    if not logging_step:
+        return False
+    import torch.distributed as dist
 
-        dist.broadcast(late, src=0)
-    return bool(late.item())
+    flag = torch.tensor([float(late)], device=trainer.info.device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def grid_sizes(trainer: Trainer) -> list[tuple[str, tuple[int, int] | None]]:

@@ -133,6 +133,12 @@ def load_from_main(names: list[str], targets: list[torch.Tensor], full: dict[str
             target.copy_(full[name])
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over every rank, on the device (no host read)."""
+    dist.all_reduce(t)
+    return t
+
+
 def barrier(info: DistributedInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -28,14 +27,21 @@ from pyraflow.model import PackedTransformer
 from pyraflow.schedule import PyramidSchedule
 from pyraflow.train.objective import ExampleBuilder, flow_matching_loss
 from pyraflow.train.optim import lr_factor, make_optimizer, resolve_precision
-from pyraflow.train.parallelize import (DistributedInfo, barrier, full_tensor, gather_to_main, init_distributed,
-                                        load_from_main, parallelize)
+from pyraflow.compilation import compile_blocks, resolve_compile
+from pyraflow.train.parallelize import (DistributedInfo, all_reduce_sum, barrier, full_tensor, gather_to_main,
+                                        init_distributed, load_from_main, parallelize)
 
 log = logging.getLogger("pyraflow.train")
 
 
 class TrainingStopped(RuntimeError):
     """Raised after repeated non-finite steps; the state was saved first."""
+
+
+def stage_losses(stage_sum: torch.Tensor, stage_count: torch.Tensor) -> dict[int, float]:
+    """Mean loss of each stage that had samples (reads the device)."""
+    sums, counts = stage_sum.tolist(), stage_count.tolist()
+    return {k: sums[k] / counts[k] for k in range(len(counts)) if counts[k] > 0}
 
 
 def load_run_data(config: Config, text_encoder, latent_space, info: DistributedInfo, progress: bool, buckets,
@@ -95,6 +101,9 @@ class Trainer:
         self.precision = self._recorded_precision() if resume else resolve_precision(tc.precision, info.device)
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.model = training_model(config, load_base=not resume).to(info.device)
+        self.compiled = resolve_compile(tc.compile, info.device)
+        if self.compiled:  # before data parallelism wraps the blocks, as torchtitan orders it
+            compile_blocks(self.model)
         self.wrapped = parallelize(self.model, info, tc.parallel, self.precision)
         # the unwrapped model's names of what trains (DDP shares these parameters; FSDP2 shards them in place): every
         # weight, or with train.lora the adapters only, which are then all that the optimizer, EMA and checkpoints hold
@@ -115,7 +124,9 @@ class Trainer:
         self.position = self.batcher.state_dict()  # the batcher's state after the last consumed batch
         self._batches = None  # the loader's iterator, started by the first step (after a resume has loaded state)
         self.step = 0
-        self.bad_steps = self.consecutive_bad = 0
+        # non-finite steps (total, current run of consecutive ones, and its longest run since metrics were last read)
+        self.bad_steps, self.consecutive_bad, self.worst_bad_run = (
+            torch.zeros((), dtype=torch.long, device=info.device) for _ in range(3))
         if resume:
             self._resume()
 
@@ -177,14 +188,19 @@ class Trainer:
         with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             velocity = self.wrapped(packed)
         loss, per_sample = flow_matching_loss(velocity, packed)
-        return loss, per_sample, torch.tensor(packed.layout.stages)
+        stages = torch.tensor(packed.layout.stages).to(per_sample.device, non_blocking=True)
+        return loss, per_sample, stages
 
     def train_step(self) -> dict:
+        """One optimizer step. Nothing here waits for the device: losses, the gradient norm and the skip of a
+        non-finite step stay on it (tensors in the returned dict); ``read_metrics`` reads them at logging steps."""
         tc = self.config.train
         start = time.perf_counter()
-        stage_sum = torch.zeros(self.schedule.num_stages)
-        stage_count = torch.zeros(self.schedule.num_stages)
-        total_loss, tokens, waited = 0.0, 0, 0.0
+        device, k = self.info.device, self.schedule.num_stages
+        stage_sum = torch.zeros(k, device=device)
+        stage_count = torch.zeros(k, device=device)
+        total_loss = torch.zeros((), device=device)
+        tokens, waited = 0, 0.0
         for micro in range(tc.grad_accum):
             packed, n_tokens, wait = self._next_batch()
             sync = micro == tc.grad_accum - 1 or not hasattr(self.wrapped, "no_sync")
@@ -192,57 +208,80 @@ class Trainer:
             with context:
                 loss, per_sample, stages = self._loss(packed)
                 (loss / tc.grad_accum).backward()
-            total_loss += loss.item() / tc.grad_accum
+            total_loss += loss.detach() / tc.grad_accum
             tokens += n_tokens
             waited += wait
-            stage_sum.index_add_(0, stages, per_sample.cpu())
-            stage_count.index_add_(0, stages, torch.ones(len(stages)))
+            stage_sum.index_add_(0, stages, per_sample)
+            stage_count.index_add_(0, stages, torch.ones_like(per_sample))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        grad_norm = float(full_tensor(grad_norm)) if isinstance(grad_norm, torch.Tensor) else float(grad_norm)
+        grad_norm = full_tensor(grad_norm).float()
         if self.info.enabled:
-            import torch.distributed as dist
-
-            stats = torch.cat([stage_sum, stage_count, torch.tensor([total_loss])]).to(self.info.device)
-            dist.all_reduce(stats)
-            stats = stats.cpu()
-            k = self.schedule.num_stages
-            stage_sum, stage_count, total_loss = stats[:k], stats[k : 2 * k], float(stats[-1]) / self.info.world_size
-        finite = math.isfinite(total_loss) and math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
-            self._update_ema()
-            self.consecutive_bad = 0
-        else:
-            self.bad_steps += 1
-            self.consecutive_bad += 1
+            stats = all_reduce_sum(torch.cat([stage_sum, stage_count, total_loss[None] / self.info.world_size]))
+            stage_sum, stage_count, total_loss = stats[:k], stats[k : 2 * k], stats[-1]
+        finite = torch.isfinite(total_loss) & torch.isfinite(grad_norm)
+        self._optimizer_step(finite)
+        self._update_ema(finite)
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_schedule.step()
         self.step += 1
-        stage_loss = {k: float(stage_sum[k] / stage_count[k]) for k in range(len(stage_sum)) if stage_count[k] > 0}
-        if hasattr(self.mix, "observe"):
-            self.mix.observe(self.step * tc.grad_accum, stage_loss)  # in batches, as the batcher counts them
-        elapsed = time.perf_counter() - start
+        bad = (~finite).to(self.bad_steps.dtype)
+        self.bad_steps += bad
+        self.consecutive_bad = (self.consecutive_bad + bad) * bad
+        self.worst_bad_run = torch.maximum(self.worst_bad_run, self.consecutive_bad)
+        if hasattr(self.mix, "observe"):  # an adaptive mix reads each step's per-stage losses (a host read)
+            self.mix.observe(self.step * tc.grad_accum, stage_losses(stage_sum, stage_count))
         return {
             "step": self.step,
             "loss": total_loss,
-            **{f"loss_stage{k}": v for k, v in stage_loss.items()},
-            "samples_stage": stage_count.int().tolist(),
+            "stage_sum": stage_sum,
+            "stage_count": stage_count,
             "grad_norm": grad_norm,
             "lr": self.lr_schedule.get_last_lr()[0],
             "tokens": tokens * self.info.world_size,
-            "tokens_per_s": tokens * self.info.world_size / elapsed,
-            "seconds": elapsed,
+            "seconds": time.perf_counter() - start,
             "data_wait_seconds": waited,
-            "skipped": not finite,
-            "bad_steps": self.bad_steps,
+            "finite": finite,
         }
 
+    def read_metrics(self, step: dict) -> dict:
+        """A step's metrics as numbers (reads the device), with the run's bad-step counts; the consecutive-bad
+        peak since the last read is reset."""
+        stage_loss = stage_losses(step["stage_sum"], step["stage_count"])
+        worst = int(self.worst_bad_run)
+        self.worst_bad_run = self.consecutive_bad.clone()
+        return {
+            "step": step["step"],
+            "loss": float(step["loss"]),
+            **{f"loss_stage{k}": v for k, v in stage_loss.items()},
+            "samples_stage": step["stage_count"].int().tolist(),
+            "grad_norm": float(step["grad_norm"]),
+            "lr": step["lr"],
+            "tokens": step["tokens"],
+            "tokens_per_s": step["tokens"] / step["seconds"],
+            "seconds": step["seconds"],
+            "data_wait_seconds": step["data_wait_seconds"],
+            "skipped": not bool(step["finite"]),
+            "bad_steps": int(self.bad_steps),
+            "worst_bad_run": worst,
+        }
+
+    def _optimizer_step(self, finite: torch.Tensor) -> None:
+        """AdamW, skipped where the step was not finite. The fused kernel takes the skip as a device flag
+        (``found_inf``, as the AMP grad scaler passes it: no update, no step count); the foreach path, which sharded
+        parameters take, must decide on the host."""
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = (~finite).float()
+            self.optimizer.step()
+        elif bool(finite):
+            self.optimizer.step()
+
     @torch.no_grad()
-    def _update_ema(self) -> None:
+    def _update_ema(self, finite: torch.Tensor) -> None:
+        """EMA <- EMA + w (weights - EMA) in one foreach op, w = 1 - decay (0 on a skipped step), on the device."""
         tc = self.config.train
         ramp = min(1.0, self.step / tc.ema_warmup_steps) if tc.ema_warmup_steps else 1.0
-        decay = tc.ema_decay * ramp
-        torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1.0 - decay)
+        weight = (1.0 - tc.ema_decay * ramp) * finite.float()
+        torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], [weight] * len(self.ema))
 
     # ----- state ------------------------------------------------------------------------------------
     def _optimizer_state(self) -> dict:
@@ -276,8 +315,8 @@ class Trainer:
                 "lr_schedule": self.lr_schedule.state_dict(),
                 "batcher": self.position,
                 "mix": self.mix.state_dict() if hasattr(self.mix, "state_dict") else None,
-                "bad_steps": self.bad_steps,
-                "consecutive_bad": self.consecutive_bad,
+                "bad_steps": int(self.bad_steps),
+                "consecutive_bad": int(self.consecutive_bad),
                 "precision": self.precision,
                 "world_size": self.info.world_size,
             }, directory / "trainer.pt")
@@ -322,7 +361,9 @@ class Trainer:
         if state["mix"] is not None:
             self.mix.load_state_dict(state["mix"])
         self.step = state["step"]
-        self.bad_steps, self.consecutive_bad = state["bad_steps"], state["consecutive_bad"]
+        self.bad_steps.fill_(state["bad_steps"])
+        self.consecutive_bad.fill_(state["consecutive_bad"])
+        self.worst_bad_run.fill_(state["consecutive_bad"])
 
     def ema_model(self) -> PackedTransformer:
         """The EMA weights as a plain model on the training device, on every rank (a collective under FSDP)."""
