@@ -4,10 +4,11 @@
 # transformers, tensorboard, matplotlib, Pillow, pytest); it downloads nothing and runs pyraflow from src/.
 #   1. the CUDA tests (tests/test_cuda.py): flex and flash against the per-segment oracle, forward and backward,
 #      with and without temporal causality; the model packed vs alone on flex; sampling that stays on the device;
-#      bf16 training with FSDP2 under torchrun on one rank;
+#      bf16 training with FSDP2 under torchrun on one rank; a training step under CUDA's sync debug mode (no host
+#      waits); compiled blocks against eager;
 #   2. `pyraflow bench --json --scales 4` on CUDA: ms per step and visual tokens/s per backend (grouped, flex, flash
-#      when installed, the baselines), MFU against a bf16 matmul peak measured in the same run, the layouts at
-#      latents x4, into benchmarks/results/bench-<date>-<time>-<host>-cuda.json.
+#      when installed, the baselines), MFU against a bf16 matmul peak measured in the same run, the step eager and
+#      with compiled blocks (Triton) with the compilation time and recompilations, the layouts at latents x4, into benchmarks/results/bench-<date>-<time>-<host>-cuda.json.
 # With OUT set (the device tool), the log and the JSON are copied there too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,10 @@ for name, v in r['variants'].items():
     print(f\"{name:<30} {v['precision']:<5} {v['ms_per_step']:8.2f} ms/step {v['visual_tokens_per_s']:12.0f} visual tok/s\")
 m = r['mfu']
 print(f\"bf16 matmul peak {m['bf16_peak_gflops'] / 1000:.0f} TFLOP/s; grouped at {100 * m['fraction_of_bf16_peak']:.1f}% of it\")
+for p in r['compile'].get('precisions', []):
+    c = r['compile'][p]
+    print(f\"compiled {p}: {c['compiled']['ms_per_step']:.2f} ms vs eager {c['eager']['ms_per_step']:.2f} ({c['speedup']:.2f}x), compile {c['compile_s']:.0f} s\")
+print('compile:', r['compile'].get('skipped', 'timed'), '| recompilations over the stability batches:', r['stability'].get('compiled'))
 for s, e in r.get('scaling', {}).get('scales', {}).items():
     print(f\"latents x{s}: pyraflow {e['pyraflow']['ms_per_step']:.1f} ms; reference rows {e['reference_columns']['pyraflow_speedup']:.2f}x\")
 "

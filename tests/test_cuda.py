@@ -81,3 +81,57 @@ def test_sampling_stays_on_the_device_and_repeats_with_a_seed():
 
 def test_bf16_training_with_fsdp2_on_one_rank_under_torchrun(tmp_path):
     one_rank_fsdp_bf16_run(tmp_path)
+
+
+def test_a_training_step_never_waits_for_the_gpu(tmp_path):
+    """CUDA's sync debug mode raises at any device-to-host wait inside the step (batches fetched outside it)."""
+    from pyraflow.bench.data import write_synthetic_cache
+    from pyraflow.config import load_config
+    from pyraflow.latents import build_latent_space
+    from pyraflow.text import load_text_encoder
+    from pyraflow.train import Trainer
+    from helpers import tiny_text_encoder
+
+    encoder = tiny_text_encoder(tmp_path / "encoder")
+    config = load_config(None, [f"text.encoder={encoder}", "model.text_dim=32", "model.pooled_dim=32", "model.width=64",
+                                "model.depth=2", "model.num_heads=2", "latent.kind=vae", "latent.channels=16",
+                                "latent.downsample=1", "data.image_size=32", "model.patch_size=4",
+                                f"data.cache={tmp_path / 'cache'}", "train.sample_every=0", "train.compile=false",
+                                "batching.token_budget=1024", "text.max_tokens=8"])
+    write_synthetic_cache(tmp_path / "cache", config, 100, load_text_encoder(config.text).identity,
+                          build_latent_space(config.latent).identity)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    trainer.read_metrics(trainer.train_step())
+    fetch = trainer._next_batch
+
+    def fetch_unwatched():
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return fetch()
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    trainer._next_batch = fetch_unwatched
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step = trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        trainer.close()
+    assert trainer.read_metrics(step)["loss"] > 0
+
+
+def test_compiled_blocks_equal_eager_on_the_gpu(compiling):
+    import copy
+
+    from pyraflow.compilation import compile_blocks
+
+    eager = randomised_model(4, temporal_causal=True).to(DEVICE)
+    compiled = compile_blocks(copy.deepcopy(eager))
+    batch = pack(random_samples(4, count=7, frames=(1, 2)), 3, 2).to(DEVICE)
+    a, b = eager(batch), compiled(batch)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    ga = torch.autograd.grad(a.square().sum(), list(eager.parameters()))
+    gb = torch.autograd.grad(b.square().sum(), list(compiled.parameters()))
+    for x, y in zip(gb, ga):
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4)

@@ -316,13 +316,12 @@ def run_bench(steps: int = 10, warmup: int = 2, threads: int | None = None, prog
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = variants or variant_names(device)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    timed, why = host_precisions(device)
+    dtypes = {p: d for p, d in (("fp32", torch.float32), ("bf16", torch.bfloat16)) if p in timed}
     # the peak is the best of two moments (before and after the steps): one short measurement taken while the
     # host is busy can read far below the machine's peak, and every MFU read against it would be inflated
     peak_size = 8192 if device.type == "cuda" else 2048  # a GPU needs a large product to reach its peak
-    dtypes = {p: dtypes[p] for p in timed}
     peak_runs = {p: [matmul_peak_gflops(dtype, device, peak_size)] for p, dtype in dtypes.items()}
-    timed, why = host_precisions(device)
     runs = [(n, p) for n in names for p in variant_precisions(n, device)]
     runners = {(n, p): TrainStep(n, p, device) for n, p in runs}
     times = alternate(runners, steps, warmup, device, "bench rounds", progress)
