@@ -42,3 +42,22 @@ def test_high_frequency_energy_sees_speckle_not_smooth_shapes():
     speckled = flat.clone()
     speckled[:, :, ::3, ::3] = 1.0
     assert high_frequency_energy(speckled) > 20 * high_frequency_energy(ramp) > 0
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_eval_scores_a_digit_run_at_its_size(tmp_path, monkeypatch, size):
+    """FID, the stage report and digit accuracy at any image size (the classifier sees every size at 32 x 32)."""
+    import pyraflow.evaluation as evaluation
+    from pyraflow.config import load_config
+    from pyraflow.train import run_training
+
+    trained = evaluation.train_digit_classifier
+    monkeypatch.setattr(evaluation, "train_digit_classifier", lambda images, labels: trained(images, labels, epochs=1))
+    config = load_config(None, [f"data.image_size={size}", "model.width=32", "model.depth=2", "model.num_heads=2",
+                                "train.steps=2", "train.sample_every=0", "train.checkpoint_every=2",
+                                "batching.token_budget=600", "sample.per_prompt=1"])
+    run_training(config, tmp_path / "run", progress=False)
+    result = evaluation.evaluate(tmp_path / "run", num=20, steps=1, progress=False, stages=tmp_path / "stages.png")
+    assert result["fid_efficientnet_lite0"] > 0 and 0 <= result["digit_accuracy"] <= 1
+    assert result["classifier_heldout_accuracy"] > 0.8  # the 32 x 32 classifier, one epoch
+    assert len(result["stages"]) == 3 and (tmp_path / "stages.png").is_file()

@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--minutes", type=float, default=10.0, help="training minutes per variant for --full (default 10)")
     bench.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S", help="seeds for --full (default 0)")
     bench.add_argument("--out", default="runs/quality-study", metavar="DIR", help="run directories for --full")
+    bench.add_argument("--variants", nargs="+", default=None, metavar="V",
+                       help="--full: the arms to run (uniform, 25-50-25, progressive, flat; default all)")
     return parser
 
 
@@ -322,9 +324,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"FID (EfficientNet-Lite0) vs {result['fid_reference']}: {result['fid_efficientnet_lite0']:.1f} "
                       f"({result['num_samples']} samples)")
-                if "digit_accuracy" in result:
+                if result.get("digit_accuracy") is not None:
                     print(f"digit accuracy: {100 * result['digit_accuracy']:.1f}% (classifier on held-out digits: "
                           f"{100 * result['classifier_heldout_accuracy']:.1f}%)")
+                elif "digit_accuracy_error" in result:
+                    print(f"digit accuracy: not scored ({result['digit_accuracy_error']})")
                 if "hf_energy" in result:
                     hf = result["hf_energy"]
                     print(f"high-frequency energy: generated {hf['generated']:.4f}, real {hf['real']:.4f}")
@@ -345,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.full:
                 from pyraflow.bench.study import quality_study
 
-                result["quality"] = quality_study(args.out, args.minutes, args.seeds, progress=not args.json)
+                result["quality"] = quality_study(args.out, args.minutes, args.seeds, progress=not args.json,
+                                                  config_path=args.config, variants=args.variants)
             print(json.dumps(result, indent=2) if args.json else format_bench(result))
     except (ValueError, FileNotFoundError) as err:
         print(f"pyraflow {args.command}: error: {err}", file=sys.stderr)

@@ -82,6 +82,14 @@ def compile_blocks(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def reset_compilations() -> None:
+    """Forget every compiled frame (dynamo's caches): the next compiled call compiles afresh. Benchmarks call this
+    between sections, so no section runs eager because earlier ones filled the per-function cache (8 entries)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+
 def compilations() -> int:
     """Frames compiled so far in this process (each compilation and each recompilation counts one)."""
     from torch._dynamo.utils import counters

@@ -66,9 +66,13 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
 
 
+CLASSIFIER_SIDE = 32  # the digit classifier sees grey 32 x 32 digits, whatever size and channels a run has
+
+
 class DigitClassifier(nn.Module):
     """Three convolutions and a linear layer: small, quick to train, and accurate enough to score samples (its
-    own held-out accuracy is reported beside every score)."""
+    own held-out accuracy is reported beside every score). Trained and applied at CLASSIFIER_SIDE pixels, grey
+    (``classify`` brings images of any size and channel count there)."""
 
     def __init__(self):
         super().__init__()
@@ -107,15 +111,25 @@ def train_digit_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: i
     return model.eval()
 
 
+def classifier_input(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in [-1, 1], any size and channels -> (B, 1, 32, 32) grey, as the classifier was trained."""
+    x = images.float().mean(dim=1, keepdim=True)
+    if x.shape[-2:] != (CLASSIFIER_SIDE, CLASSIFIER_SIDE):
+        x = F.interpolate(x, size=(CLASSIFIER_SIDE, CLASSIFIER_SIDE), mode="area")
+    return x
+
+
 @torch.no_grad()
 def classify(model: DigitClassifier, images: torch.Tensor) -> torch.Tensor:
-    return torch.cat([model(images[i : i + 500]).argmax(-1) for i in range(0, len(images), 500)])
+    x = classifier_input(images)
+    return torch.cat([model(x[i : i + 500]).argmax(-1) for i in range(0, len(x), 500)])
 
 
-def _mnist_pixels(config, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _mnist_pixels(config, split: str, data_config=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's digits of ``split`` as (N, C, H, W) pixels at the run's size (``data_config``: another size)."""
     from pyraflow.data.datasets import MnistDigits
 
-    dataset = MnistDigits(config.data, split)
+    dataset = MnistDigits(data_config or config.data, split)
     pixels = torch.stack([dataset[i].pixels[:, 0] for i in range(len(dataset))])
     return pixels, torch.as_tensor(dataset.labels)
 
@@ -129,14 +143,21 @@ def digit_classifier(config, cache: Path | None = None) -> tuple[DigitClassifier
         model.load_state_dict(load_file(str(cache)))
         model.eval()
     else:
-        images, labels = _mnist_pixels(config, "train")
+        images, labels = _mnist_pixels(config, "train", classifier_data(config))
         model = train_digit_classifier(images, labels)
         if cache is not None:
             with atomic_path(cache) as tmp:
                 save_file(model.state_dict(), str(tmp))
-    heldout, heldout_labels = _mnist_pixels(config, "heldout")
+    heldout, heldout_labels = _mnist_pixels(config, "heldout", classifier_data(config))
     accuracy = float((classify(model, heldout) == heldout_labels).float().mean())
     return model, accuracy
+
+
+def classifier_data(config):
+    """The digits the classifier learns from: the run's data settings at 32 x 32 grey."""
+    from dataclasses import replace
+
+    return replace(config.data, image_size=CLASSIFIER_SIDE, channels=1, aspect_buckets=None, cache=None)
 
 
 def high_frequency_energy(images: torch.Tensor) -> float:
@@ -229,6 +250,7 @@ def evaluate(checkpoint: str | Path, num: int = 200, seed: int = 0, steps: int |
     from tqdm import tqdm
 
     from pyraflow.data import caption_for_digit, encode_dataset
+    from pyraflow.data.sources import HELDOUT_DATASETS
     from pyraflow.sample import load_pipeline
     from pyraflow.checkpoint import SAMPLING, resolve_checkpoint
 
@@ -236,14 +258,15 @@ def evaluate(checkpoint: str | Path, num: int = 200, seed: int = 0, steps: int |
     pipeline = load_pipeline(path, device, use_ema=use_ema)
     config = pipeline.config
     is_mnist = config.data.dataset == "mnist"
+    split = "heldout" if config.data.dataset in HELDOUT_DATASETS else "train"
     if config.data.bucketed and not is_mnist:
         return {"checkpoint": str(path), "weights": "ema" if use_ema else "raw",
                 **evaluate_shapes(pipeline, num, seed, steps, guidance, solver, progress)}
     if is_mnist:
         digits = [i % 10 for i in range(num)]
         prompts = [caption_for_digit(d) for d in digits]
-    else:
-        data = encode_dataset(config.data, pipeline.text_encoder, pipeline.latent_space)
+    else:  # the held-out split's captions where the dataset keeps one, else the training data's
+        data = encode_dataset(config.data, pipeline.text_encoder, pipeline.latent_space, split=split)
         prompts = [data.captions[(i * len(data)) // num % len(data)] for i in range(num)]  # spread over the dataset
     step_list = [steps] * pipeline.schedule.num_stages if steps else None
     started = time.perf_counter()
@@ -260,7 +283,7 @@ def evaluate(checkpoint: str | Path, num: int = 200, seed: int = 0, steps: int |
         reference = "500 held-out MNIST digits"
     else:
         real = pipeline.latent_space.decode(data.latents)[:, :, 0]
-        reference = f"{len(real)} training images"
+        reference = f"{len(real)} {'held-out' if split == 'heldout' else 'training'} {config.data.dataset} images"
     network = _efficientnet()
     result = {
         "checkpoint": str(path),
@@ -287,8 +310,12 @@ def evaluate(checkpoint: str | Path, num: int = 200, seed: int = 0, steps: int |
                     "two videos half the set apart at the same time index (what a cut to another video would give)",
         }
     if is_mnist:
-        classifier, heldout_accuracy = digit_classifier(config, path.parent.parent / "eval" / "digit_classifier.safetensors")
-        predicted = classify(classifier, samples)
-        result["digit_accuracy"] = float((predicted == torch.tensor(digits)).float().mean())
-        result["classifier_heldout_accuracy"] = heldout_accuracy
+        try:
+            classifier, heldout_accuracy = digit_classifier(config, path.parent.parent / "eval" / "digit_classifier.safetensors")
+            predicted = classify(classifier, samples)
+            result["digit_accuracy"] = float((predicted == torch.tensor(digits)).float().mean())
+            result["classifier_heldout_accuracy"] = heldout_accuracy
+        except Exception as err:  # a scorer that cannot apply says so; the rest of the report stands
+            result["digit_accuracy"] = None
+            result["digit_accuracy_error"] = f"{type(err).__name__}: {err}"
     return result

@@ -138,7 +138,13 @@ def rope_tables(positions: torch.Tensor, axes: list[int], theta: float) -> torch
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x[2i], x[2i+1]) of x (N, H, Dh) by the angles of ``rotation`` (N, 1, Dh/2),
-    as one complex product (fewer kernels, forward and backward, than real products and a stack)."""
+    as one complex product (fewer kernels, forward and backward, than real products and a stack). Inside a compiled
+    block the same rotation is written in real arithmetic, which inductor fuses (it generates no complex kernels)."""
+    if torch.compiler.is_compiling():
+        pairs = x.float().unflatten(-1, (-1, 2))
+        cos, sin = rotation.real, rotation.imag
+        even, odd = pairs[..., 0], pairs[..., 1]
+        return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).type_as(x)
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 

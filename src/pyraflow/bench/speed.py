@@ -19,7 +19,7 @@ from pyraflow.bench.standard import (BACKEND_VARIANTS, CUDA_VARIANTS, ROWS, SCAL
                                      accounted_memory_mb, cuda_peak_memory_mb, host_precisions, machine,
                                      matmul_peak_gflops, standard_batch, standard_model_config, training_flops,
                                      variant_names, variant_precisions)
-from pyraflow.compilation import compilations, compile_blocks, toolchain
+from pyraflow.compilation import compilations, compile_blocks, reset_compilations, toolchain
 from pyraflow.model import MultiStageMMDiT
 from pyraflow.packing import PackedBatch, Sample, pack
 from pyraflow.train.optim import make_optimizer
@@ -50,6 +50,8 @@ def sampling_comparison(device: torch.device, images: int = 16, total_steps: int
     from pyraflow.sample import sample_pyramid
     from pyraflow.schedule import PyramidSchedule
 
+    if compiled:
+        reset_compilations()
     model, text, null = _sampling_fixture(device, images, compiled)
     result = {"images": images, "total_steps": total_steps, "latent": [4, 1, 32, 32], "repeats": repeats,
               "compiled": compiled}
@@ -195,7 +197,8 @@ def stability(steps: int = 300, text_tokens: int = 24, compiled_steps: bool = Fa
 def recompilations(batches: list[list[int]], device: torch.device) -> dict:
     """Compilations of the compiled blocks over a sequence of token-budget batches (per-stage counts; random
     samples, text of 16-32 tokens): training steps of the standard layout on a width-64 model, since what
-    recompiles is the shapes and layouts, not the width (its parameter shapes are new, so its first batch compiles)."""
+    recompiles is the shapes and layouts, not the width. Counted from a fresh cache."""
+    reset_compilations()
     g = torch.Generator().manual_seed(1)
     step = TrainStep("grouped", "fp32", device, compiled=True, width=64, num_heads=2)
     start = compilations()
@@ -237,14 +240,16 @@ def alternate(runners: dict, steps: int, warmup: int, device: torch.device, desc
 def compile_comparison(device: torch.device, precisions: tuple[str, ...], peaks: dict[str, float], steps: int = 10,
                        warmup: int = 2, progress: bool = True) -> dict:
     """The standard step eager against compiled blocks (pyraflow.compilation), per precision, alternated round by
-    round, medians: ms/step, visual tokens/s, MFU; and the first compiled step's extra time (the compilation)."""
+    round, medians: ms/step, visual tokens/s, MFU; and the first compiled step's extra time (the compilation, from a
+    fresh in-process cache; inductor's on-disk cache of kernels may still serve it, as it serves a training run)."""
     flops = training_flops(standard_batch(), standard_model_config())
     out = {"precisions": list(precisions), "steps": steps}
     for p in precisions:
+        reset_compilations()
         runners = {"eager": TrainStep("grouped", p, device), "compiled": TrainStep("grouped", p, device, compiled=True)}
         before = compilations()
         started = time.perf_counter()
-        runners["compiled"]()  # compiles (or reuses what an earlier precision compiled, where guards allow)
+        runners["compiled"]()  # compiles, from a fresh cache
         first = time.perf_counter() - started
         times = alternate(runners, steps, warmup, device, f"bench compile {p}", progress)
         entry = {"compilations": compilations() - before}
@@ -289,8 +294,10 @@ def scaling_comparison(device: torch.device, scales: list[int], precisions: dict
     for scale in scales:
         runners = {label: TrainStep(name, precisions.get(name, "fp32"), device, scale=scale)
                    for label, name in SCALING_VARIANTS.items()}
-        # compiled blocks (where the toolchain allows), in the precision they were fastest in on the standard config
+        # compiled blocks (where the toolchain allows), in the precision they were fastest in on the standard config;
+        # compiled from a fresh cache in the untimed warm-up round
         if "compiled" in precisions:
+            reset_compilations()
             runners["pyraflow_compiled"] = TrainStep("grouped", precisions.get("compiled", "fp32"), device, scale=scale,
                                                  compiled=True)
         times = alternate(runners, steps, warmup, device, f"bench scale {scale}", progress)
@@ -447,11 +454,16 @@ def format_bench(result: dict) -> str:
                          if "pyraflow_compiled" in e else ""))
     if "quality" in result:
         q = result["quality"]
-        lines.append(f"quality at equal compute ({q['minutes_per_variant']:g} min each, seeds {q['seeds']}, "
-                     f"{q['eval_samples']} samples):")
+        lines.append(f"quality at equal compute, {q.get('config', 'the demo')} ({q['minutes_per_variant']:g} min each, "
+                     f"seeds {q['seeds']}, {q['eval_samples']} samples):")
         for name, row in q["variants"].items():
-            each = ", ".join(f"{r['fid_efficientnet_lite0']:.0f} / {100 * r['digit_accuracy']:.1f}% ({r['steps']} steps)"
-                             for r in row["runs"])
-            lines.append(f"  {name:<12} FID (EfficientNet-Lite0) {row['fid_mean']:7.1f}  digit accuracy "
-                         f"{100 * row['digit_accuracy_mean']:5.1f}%  (per seed: {each})")
+            def run_text(r):
+                accuracy = f" / {100 * r['digit_accuracy']:.1f}%" if r.get("digit_accuracy") is not None else ""
+                speed = f", {r['visual_tokens_per_s']:.0f} visual tok/s" if "visual_tokens_per_s" in r else ""
+                return f"{r['fid_efficientnet_lite0']:.0f}{accuracy} ({r['steps']} steps{speed})"
+
+            accuracy = (f"  digit accuracy {100 * row['digit_accuracy_mean']:5.1f}%" if "digit_accuracy_mean" in row
+                        else "")
+            lines.append(f"  {name:<12} FID (EfficientNet-Lite0) {row['fid_mean']:7.1f}{accuracy}  (per seed: "
+                         f"{', '.join(run_text(r) for r in row['runs'])})")
     return "\n".join(lines)

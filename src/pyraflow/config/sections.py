@@ -16,7 +16,7 @@ SCHEDULE_PRESETS = ("continuous", "pyramid-flow")
 DENSITIES = ("uniform", "logit-normal", "mode")
 ATTENTION_BACKENDS = ("auto", "grouped", "flex", "flash")
 ARCHS = ("mmdit", "flux", "mmdit-sd3")
-DATASETS = ("mnist", "clips", "scenes", "image-folder", "video-folder", "pyramid-flow")
+DATASETS = ("mnist", "emoji", "clips", "scenes", "image-folder", "video-folder", "pyramid-flow")
 MIX_KINDS = ("constant", "piecewise", "linear", "adaptive")
 RATIO_UNITS = ("samples", "tokens")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -125,11 +125,12 @@ class DataConfig:
     """Where samples come from and the pixel shape they are brought to."""
 
     dataset: str = "mnist"
-    """mnist, clips (bundled videos), scenes (bundled photos cut at several aspect ratios), image-folder,
-    video-folder, or pyramid-flow (the reference's annotation jsonl with pre-extracted latents and text features:
+    """mnist, emoji (the glyphs of a colour emoji font, captioned with their names), clips (bundled videos), scenes
+    (bundled photos cut at several aspect ratios), image-folder, video-folder, or pyramid-flow (the reference's annotation jsonl with pre-extracted latents and text features:
     pyraflow.data.pyramid_flow)."""
     path: str | None = None
-    """Folder for image-folder / video-folder; the annotation .jsonl for pyramid-flow."""
+    """Folder for image-folder / video-folder; the annotation .jsonl for pyramid-flow; the colour font for emoji
+    (default: Debian's fonts-noto-color-emoji)."""
     root: str | None = None
     """pyramid-flow: folder the jsonl's relative paths start from (None: the jsonl's own folder)."""
     image_size: int = 32

@@ -8,7 +8,10 @@ from pathlib import Path
 from pyraflow.config import Bucket, DataConfig
 from pyraflow.data.datasets import (CLIP_CAPTIONS, MNIST_SIZES, VIDEO_EXTENSIONS, ImageFolder, MnistDigits, Shaper,
                                     VideoClips, bundled_clip_files, existing_folder, read_captions)
+from pyraflow.data.emoji import EmojiGlyphs
 from pyraflow.data.scenes import SceneCrops
+
+HELDOUT_DATASETS = ("mnist", "emoji")  # datasets with a fixed held-out split (what pyraflow eval scores against)
 
 
 def planned_size(config: DataConfig) -> int:
@@ -28,10 +31,15 @@ def planned_size(config: DataConfig) -> int:
 
 def build_dataset(config: DataConfig, split: str = "train", buckets: list[Bucket] | None = None):
     """The dataset object for a config: indexable (mnist, image-folder, scenes) or a clip iterator (videos).
-    ``buckets``: the run's shapes (Config.buckets / resolve_buckets); None: data.image_size squares."""
+    ``buckets``: the run's shapes (Config.buckets / resolve_buckets); None: data.image_size squares. ``split``:
+    ``heldout`` for the datasets that keep one (HELDOUT_DATASETS)."""
     shaper = Shaper(config, buckets)
+    if split != "train" and config.dataset not in HELDOUT_DATASETS:
+        raise ValueError(f"data.dataset={config.dataset} has no {split!r} split; only {', '.join(HELDOUT_DATASETS)} do.")
     if config.dataset == "mnist":
         return MnistDigits(config, split, shaper)
+    if config.dataset == "emoji":
+        return EmojiGlyphs(config, split, shaper)
     if config.dataset == "image-folder":
         return ImageFolder(config, shaper)
     if config.dataset == "scenes":

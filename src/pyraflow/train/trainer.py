@@ -124,6 +124,10 @@ class Trainer:
         self.position = self.batcher.state_dict()  # the batcher's state after the last consumed batch
         self._batches = None  # the loader's iterator, started by the first step (after a resume has loaded state)
         self.step = 0
+        # tokens since metrics were last read, and when that was: throughput over the interval, measured when the
+        # device has caught up (a step's own host time is only its launch time on a GPU)
+        self._interval_start: float | None = None
+        self._interval_tokens = 0
         # non-finite steps (total, current run of consecutive ones, and its longest run since metrics were last read)
         self.bad_steps, self.consecutive_bad, self.worst_bad_run = (
             torch.zeros((), dtype=torch.long, device=info.device) for _ in range(3))
@@ -196,6 +200,8 @@ class Trainer:
         non-finite step stay on it (tensors in the returned dict); ``read_metrics`` reads them at logging steps."""
         tc = self.config.train
         start = time.perf_counter()
+        if self._interval_start is None:
+            self._interval_start = start
         device, k = self.info.device, self.schedule.num_stages
         stage_sum = torch.zeros(k, device=device)
         stage_count = torch.zeros(k, device=device)
@@ -228,6 +234,7 @@ class Trainer:
         self.bad_steps += bad
         self.consecutive_bad = (self.consecutive_bad + bad) * bad
         self.worst_bad_run = torch.maximum(self.worst_bad_run, self.consecutive_bad)
+        self._interval_tokens += tokens * self.info.world_size
         if hasattr(self.mix, "observe"):  # an adaptive mix reads each step's per-stage losses (a host read)
             self.mix.observe(self.step * tc.grad_accum, stage_losses(stage_sum, stage_count))
         return {
@@ -247,8 +254,11 @@ class Trainer:
         """A step's metrics as numbers (reads the device), with the run's bad-step counts; the consecutive-bad
         peak since the last read is reset."""
         stage_loss = stage_losses(step["stage_sum"], step["stage_count"])
-        worst = int(self.worst_bad_run)
+        worst = int(self.worst_bad_run)  # reading waits for the device: the interval's time is its compute
         self.worst_bad_run = self.consecutive_bad.clone()
+        now = time.perf_counter()
+        tokens_per_s = self._interval_tokens / max(now - (self._interval_start or now), 1e-9)
+        self._interval_start, self._interval_tokens = now, 0
         return {
             "step": step["step"],
             "loss": float(step["loss"]),
@@ -257,7 +267,7 @@ class Trainer:
             "grad_norm": float(step["grad_norm"]),
             "lr": step["lr"],
             "tokens": step["tokens"],
-            "tokens_per_s": step["tokens"] / step["seconds"],
+            "tokens_per_s": tokens_per_s,
             "seconds": step["seconds"],
             "data_wait_seconds": step["data_wait_seconds"],
             "skipped": not bool(step["finite"]),
