@@ -209,3 +209,16 @@ def test_the_study_reports_throughput_from_a_runs_metrics(tmp_path):
     assert t["samples_per_s"] == 12 / 4 and t["step_s_logged"] == 2.0
     assert t["visual_tokens_per_s"] == (2 * 16 + 4 * 64 + 2 * 256 + 16 + 2 * 64 + 256) / 4
     assert t["stage_loss_last"] == {0: 0.4, 2: 0.2}
+
+
+def test_bench_times_fp32_only_where_the_cpu_has_no_fast_bf16(monkeypatch):
+    from pyraflow.bench import standard
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    timed, why = standard.host_precisions(cpu)
+    assert timed == ("fp32",) and "AVX2" in why and "emulated" in why
+    assert standard.variant_precisions("grouped", cpu) == ("fp32",)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert standard.host_precisions(cpu)[0] == ("fp32", "bf16")
+    assert standard.variant_precisions("flash", cpu) == ("bf16",)

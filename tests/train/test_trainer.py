@@ -92,6 +92,13 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     kill_9_then_resume(tmp_path, [sys.executable, "-m", "pyraflow"], RESUME_SETTINGS + ["train.threads=1"])
 
 
+@pytest.mark.slow
+def test_kill_9_then_resume_of_a_compiled_run_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("PYRAFLOW_NO_COMPILE")  # the runs' processes compile
+    kill_9_then_resume(tmp_path, [sys.executable, "-m", "pyraflow"],
+                       RESUME_SETTINGS + ["train.threads=1", "train.compile=true", "sample.compile=false"])
+
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
