@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from pyraflow.config import ModelConfig
 from pyraflow.model import MultiStageMMDiT
-from pyraflow.packing import Sample
+from pyraflow.packing import Sample, pack
 
 TEXT_DIM, POOLED_DIM, CHANNELS = 24, 12, 3
 
@@ -40,6 +40,18 @@ def random_samples(seed: int, count: int = 7, num_stages: int = 3, frames=(1,), 
         samples.append(Sample(stage, torch.randn(CHANNELS, t, side, side, generator=g),
                               torch.randn(length, TEXT_DIM, generator=g), torch.randn(POOLED_DIM, generator=g), timestep))
     return samples
+
+
+def packed(samples, model):
+    """Samples packed for a model of tiny_config's shape (3 stages)."""
+    cfg = model.config
+    return pack(samples, num_stages=3, patch_size=cfg.patch_size, channels=cfg.in_channels, text_dim=cfg.text_dim,
+                pooled_dim=cfg.pooled_dim)
+
+
+def rel_err(a, b):
+    """|a - b| / |b|, the tolerance measure of the packed-equals-alone tests."""
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
 def make_images(folder, n=5, size=(40, 30)):

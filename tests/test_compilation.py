@@ -9,18 +9,9 @@ import torch
 import pyraflow.compilation as compilation
 from pyraflow.compilation import compilations, compile_blocks, resolve_compile
 from pyraflow.config import SampleConfig, TrainConfig
-from pyraflow.packing import Sample, pack, unpack
-from helpers import randomised_model, random_samples
+from pyraflow.packing import Sample, unpack
+from helpers import packed, randomised_model, random_samples, rel_err
 
-
-def packed(samples, model):
-    cfg = model.config
-    return pack(samples, num_stages=3, patch_size=cfg.patch_size, channels=cfg.in_channels, text_dim=cfg.text_dim,
-                pooled_dim=cfg.pooled_dim)
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
 def forward_backward(model, samples, seed=0):

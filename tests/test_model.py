@@ -5,19 +5,10 @@ import torch
 
 from pyraflow.model import MultiStageMMDiT, RunBroadcast
 from pyraflow.packing import Sample, pack, unpack
-from helpers import CHANNELS, POOLED_DIM, TEXT_DIM, randomised_model, random_samples
+from helpers import CHANNELS, POOLED_DIM, TEXT_DIM, packed, randomised_model, random_samples, rel_err
 
 TRAINABLE_BACKENDS = ["grouped", "flash"]  # flash through its kernel's contract in plain torch (conftest)
 
-
-def packed(samples, model):
-    cfg = model.config
-    return pack(samples, num_stages=3, patch_size=cfg.patch_size, channels=cfg.in_channels, text_dim=cfg.text_dim,
-                pooled_dim=cfg.pooled_dim)
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
 @pytest.mark.parametrize("backend", TRAINABLE_BACKENDS)
