@@ -53,6 +53,7 @@ def test_compiled_blocks_equal_eager_and_each_sample_alone_and_do_not_recompile(
     assert compilations() - before == first  # the second layout reused them: no recompilation
 
 
+@pytest.mark.slow
 def test_compiled_history_cache_path_equals_eager(compiling):
     eager = randomised_model(5, temporal_causal=True).eval()
     compiled = compile_blocks(copy.deepcopy(eager))
