@@ -39,16 +39,16 @@ def test_glyphs_are_rendered_on_white_with_their_names_and_a_fixed_heldout_split
     for name in ("red apple", "rocket", "sunflower", "dog face", "crescent moon", "waving hand: medium skin tone",
                   "flag: Jamaica", "man running: light skin tone"):  # the last stored gender sign first in the font
         assert name in captions or name in heldout_captions, name
-    apple = train[captions["red apple"]] if "red apple" in captions else None
+    assert "red apple" in captions  # in the training split
+    apple = train[captions["red apple"]]
     assert train.unnamed < 0.12 * len(train)  # the rest: subdivision flags and couples with two skin tones
     sample = train[0]
     assert sample.pixels.shape == (3, 1, 64, 64) and sample.pixels.min() >= -1 and sample.pixels.max() <= 1
     corner = sample.pixels[:, 0, 0, 0]
     assert torch.allclose(corner, torch.ones(3), atol=0.05)  # the background is white
-    if apple is not None:  # the apple is red: its red channel well above its green one where it is not white
-        r, g, b = apple.pixels[:, 0]
-        inked = (r + g + b) < 2.5
-        assert (r[inked] - g[inked]).mean() > 0.5
+    r, g, b = apple.pixels[:, 0]  # the apple is red: its red channel well above its green one where it is not white
+    inked = (r + g + b) < 2.5
+    assert (r[inked] - g[inked]).mean() > 0.5
 
 
 @needs_font

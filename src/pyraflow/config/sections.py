@@ -583,8 +583,8 @@ class TrainConfig:
     compile: str | bool = "auto"
     """Compile each transformer block (torch.compile, dynamic token counts; attention stays eager between the two
     compiled halves): ``true``, ``false`` or ``auto`` (on where the device has a compiler toolchain: a C++ compiler
-    on CPU, Triton on CUDA; the decision is logged). The first steps pay the compilation (tens of seconds on a small
-    CPU); BENCHMARKS.md has what it gains per host and precision."""
+    on CPU, Triton on CUDA; the decision is logged). The first step pays the compilation; BENCHMARKS.md has what it
+    costs and gains per host and precision."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "grad_accum", "log_every", "max_bad_steps"):

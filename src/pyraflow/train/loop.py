@@ -93,7 +93,7 @@ def train(trainer: Trainer, max_steps: int | None = None) -> dict:
         trainer.save()
     timings = write_training_grid(trainer, out / "samples" / f"step-{trainer.step:06d}.png")
     summary = {"run_dir": str(out), "steps": trainer.step, "seconds": time.perf_counter() - started,
-               "precision": trainer.precision, "compiled": trainer.compiled, "bad_steps": int(trainer.bad_steps),
+               "precision": trainer.precision, "compiled": trainer.model.compiled, "bad_steps": int(trainer.bad_steps),
                "sample_seconds_per_stage": timings}
     if info.is_main:
         plot_losses(out / "metrics.jsonl", out / "loss.png")

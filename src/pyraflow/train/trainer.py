@@ -101,8 +101,7 @@ class Trainer:
         self.precision = self._recorded_precision() if resume else resolve_precision(tc.precision, info.device)
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.model = training_model(config, load_base=not resume).to(info.device)
-        self.compiled = resolve_compile(tc.compile, info.device)
-        if self.compiled:  # before data parallelism wraps the blocks, as torchtitan orders it
+        if resolve_compile(tc.compile, info.device):  # before data parallelism wraps the blocks, as torchtitan orders it
             compile_blocks(self.model)
         self.wrapped = parallelize(self.model, info, tc.parallel, self.precision)
         # the unwrapped model's names of what trains (DDP shares these parameters; FSDP2 shards them in place): every
