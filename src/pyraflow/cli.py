@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", metavar="DEVICE", help="where to sample (default: cuda when present)")
 
     bench = commands.add_parser("bench", help="time training steps of the attention backends (JSON keys in BENCHMARKS.md)")
+    _common(bench)  # --config / --set: the config the quality study (--full) trains
     bench.add_argument("--steps", type=_positive_int, default=10, help="timed steps per variant (default 10)")
     bench.add_argument("--warmup", type=_positive_int, default=2, help="untimed steps per variant (default 2)")
     bench.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
@@ -147,7 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S", help="seeds for --full (default 0)")
     bench.add_argument("--out", default="runs/quality-study", metavar="DIR", help="run directories for --full")
     bench.add_argument("--variants", nargs="+", default=None, metavar="V",
-                       help="--full: the arms to run (uniform, 25-50-25, progressive, flat; default all)")
+                       help="--full: the arms to run (the mixes uniform, 25-50-25, progressive, flat (default: these "
+                            "four) and the diagnosis arms patch4, patch8, flat-patch4, flat-patch8, stages2, "
+                            "independent-noise, gamma0.1, density-uniform, shift2, equal-samples)")
+    bench.add_argument("--arm", nargs="+", action="append", default=None, metavar="NAME SETTING",
+                       help="--full: an arm of your own, NAME then KEY=VALUE settings and/or arm names whose settings "
+                            "it takes (e.g. --arm flat-lr6e-3 flat train.lr=6e-3); repeatable")
+    bench.add_argument("--only-study", action="store_true", help="--full without the speed benchmark")
+    bench.add_argument("--checkpoints", type=_positive_int, default=4,
+                       help="--full: checkpoints scored per run, evenly over its steps (FID against minutes; default 4)")
+    bench.add_argument("--eval-steps", type=_positive_int, nargs="+", default=None, metavar="N",
+                       help="--full: also score each run's final checkpoint at N Euler steps per stage")
+    bench.add_argument("--eval-independent-jumps", action="store_true",
+                       help="--full: also score each pyramid run sampled without corrective block noise at stage jumps")
+    bench.add_argument("--num-eval", type=_positive_int, default=200, help="--full: samples per FID (default 200)")
     return parser
 
 
@@ -344,14 +358,32 @@ def main(argv: list[str] | None = None) -> int:
                 result = {"data": data_benchmark(progress=not args.json)}
                 print(json.dumps(result, indent=2) if args.json else format_data(result["data"]))
                 return 0
-            result = run_bench(steps=args.steps, warmup=args.warmup, threads=args.threads, progress=not args.json,
-                               scales=args.scales)
+            if args.only_study and not args.full:
+                raise ValueError("--only-study goes with --full (the quality study); add --full.")
+            result = {} if args.only_study else run_bench(steps=args.steps, warmup=args.warmup, threads=args.threads,
+                                                          progress=not args.json, scales=args.scales)
             if args.full:
                 from pyraflow.bench.study import quality_study
 
-                result["quality"] = quality_study(args.out, args.minutes, args.seeds, progress=not args.json,
-                                                  config_path=args.config, variants=args.variants)
-            print(json.dumps(result, indent=2) if args.json else format_bench(result))
+                arms = {}
+                for arm in args.arm or []:
+                    if len(arm) < 2:
+                        raise ValueError(f"--arm {' '.join(arm)}: give a name and at least one KEY=VALUE setting or "
+                                         "arm name, e.g. --arm flat-lr6e-3 flat train.lr=6e-3")
+                    arms[arm[0]] = arm[1:]
+                result["quality"] = quality_study(args.out, args.minutes, args.seeds, num_eval=args.num_eval,
+                                                  progress=not args.json, config_path=args.config,
+                                                  overrides=args.overrides, variants=args.variants, arms=arms, checkpoints=args.checkpoints,
+                                                  eval_steps=args.eval_steps,
+                                                  eval_independent_jumps=args.eval_independent_jumps)
+            if args.json:
+                print(json.dumps(result, indent=2))
+            elif args.only_study:
+                from pyraflow.bench.study import format_study
+
+                print(format_study(result["quality"]))
+            else:
+                print(format_bench(result))
     except (ValueError, FileNotFoundError) as err:
         print(f"pyraflow {args.command}: error: {err}", file=sys.stderr)
         return 2

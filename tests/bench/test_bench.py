@@ -176,41 +176,6 @@ def test_the_shape_comparison_times_a_mixed_and_a_square_batch_of_the_same_stage
     assert result["mixed_cost_per_token"] > 0
 
 
-def test_the_quality_study_sizes_a_run_by_its_median_timed_step(tmp_path, monkeypatch):
-    """steps_in times real training steps of a throwaway run (here on a clock that advances 0.25 s per reading,
-    so every timed step takes 0.25 s) and returns the steps that fit in the minutes; the throwaway run is removed."""
-    import itertools
-    import types
-
-    from pyraflow.bench import study
-    from pyraflow.config import load_config
-
-    clock = itertools.count(0.0, 0.25)
-    monkeypatch.setattr(study, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
-    config = load_config(None, ["model.width=32", "model.depth=2", "model.num_heads=2", "batching.token_budget=400",
-                                "train.sample_every=0", "train.checkpoint_every=0"])
-    assert study.steps_in(config, minutes=1.5, out_dir=tmp_path / "calibration") == 360
-    # one reading per untimed step, two per timed one: every step ran
-    assert next(clock) == 0.25 * (study.CALIBRATION_WARMUP_STEPS + 2 * study.CALIBRATION_STEPS)
-    assert not (tmp_path / "calibration").exists()
-
-
-def test_the_study_reports_throughput_from_a_runs_metrics(tmp_path):
-    from pyraflow.bench.study import throughput, visual_tokens_per_stage
-    from pyraflow.config import load_config
-
-    config = load_config(None, ["data.image_size=64", "model.patch_size=4"])
-    assert visual_tokens_per_stage(config) == [16, 64, 256]  # 64 px, patch 4: 4x4, 8x8, 16x16 tokens
-    rows = [{"step": 10, "seconds": 9.0, "samples_stage": [9, 9, 9], "loss_stage0": 9.0},  # the first: left out
-            {"step": 20, "seconds": 1.0, "samples_stage": [2, 4, 2], "loss_stage0": 0.5, "loss_stage2": 0.3},
-            {"step": 30, "seconds": 3.0, "samples_stage": [1, 2, 1], "loss_stage0": 0.4, "loss_stage2": 0.2}]
-    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    t = throughput(tmp_path, config)
-    assert t["samples_per_s"] == 12 / 4 and t["step_s_logged"] == 2.0
-    assert t["visual_tokens_per_s"] == (2 * 16 + 4 * 64 + 2 * 256 + 16 + 2 * 64 + 256) / 4
-    assert t["stage_loss_last"] == {0: 0.4, 2: 0.2}
-
-
 def test_bench_times_fp32_only_where_the_cpu_has_no_fast_bf16(monkeypatch):
     from pyraflow.bench import standard
 

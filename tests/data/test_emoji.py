@@ -75,3 +75,21 @@ def test_bad_fonts_are_named(tmp_path, monkeypatch):
 def test_a_font_without_colour_bitmaps_is_refused_by_name():
     with pytest.raises(ValueError, match="DejaVuSans.ttf is not a colour bitmap font"):
         EmojiGlyphs(config(path=DEJAVU))
+
+
+@needs_font
+def test_skin_tone_variants_can_be_left_out_keeping_the_heldout_split_a_subset():
+    full, plain = EmojiGlyphs(config(image_size=16)), EmojiGlyphs(config(image_size=16, skin_tones=False))
+    tones = {n for n, c, _ in full.items if "skin tone" in c}
+    kept = {n for n, _, _ in plain.items}
+    assert len(tones) > 1000 and kept <= {n for n, _, _ in full.items} - tones
+    assert len(kept) >= len(full) - len(tones) - full.unnamed  # unnamed glyphs with a tone may go too
+    assert "waving hand" in {c for _, c, _ in plain.items}  # the default yellow glyph stays
+    heldout, plain_heldout = EmojiGlyphs(config(image_size=16), "heldout"), EmojiGlyphs(
+        config(image_size=16, skin_tones=False), "heldout")
+    assert {n for n, _, _ in plain_heldout.items} < {n for n, _, _ in heldout.items}
+
+
+def test_skin_tones_is_an_emoji_setting():
+    with pytest.raises(ValueError, match="data.skin_tones=false selects emoji glyphs.*data.dataset=mnist"):
+        DataConfig(dataset="mnist", skin_tones=False)

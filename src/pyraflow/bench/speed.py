@@ -453,17 +453,7 @@ def format_bench(result: dict) -> str:
                          f"({1 / e['pyraflow_compiled']['pyraflow_speedup']:.2f}x eager, {e['pyraflow_compiled']['precision']})"
                          if "pyraflow_compiled" in e else ""))
     if "quality" in result:
-        q = result["quality"]
-        lines.append(f"quality at equal compute, {q.get('config', 'the demo')} ({q['minutes_per_variant']:g} min each, "
-                     f"seeds {q['seeds']}, {q['eval_samples']} samples):")
-        for name, row in q["variants"].items():
-            def run_text(r):
-                accuracy = f" / {100 * r['digit_accuracy']:.1f}%" if r.get("digit_accuracy") is not None else ""
-                speed = f", {r['visual_tokens_per_s']:.0f} visual tok/s" if "visual_tokens_per_s" in r else ""
-                return f"{r['fid_efficientnet_lite0']:.0f}{accuracy} ({r['steps']} steps{speed})"
+        from pyraflow.bench.study import format_study
 
-            accuracy = (f"  digit accuracy {100 * row['digit_accuracy_mean']:5.1f}%" if "digit_accuracy_mean" in row
-                        else "")
-            lines.append(f"  {name:<12} FID (EfficientNet-Lite0) {row['fid_mean']:7.1f}{accuracy}  (per seed: "
-                         f"{', '.join(run_text(r) for r in row['runs'])})")
+        lines.append(format_study(result["quality"]))
     return "\n".join(lines)

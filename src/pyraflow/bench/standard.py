@@ -270,17 +270,22 @@ def machine() -> dict:
     return info
 
 
-def training_flops(batch: PackedBatch, config: ModelConfig) -> float:
-    """Model FLOPs of one training step (forward x 3): the linear layers of both streams in every block (the last
-    block's text stream has only its q/k/v projection: its output is never read), plus attention scores and values
-    (4 * L^2 * width per segment per block). Embeddings, adaLN modulation and the output layer are left out."""
-    layout = batch.layout
+def segment_flops(text: int, visual: int, config: ModelConfig) -> float:
+    """Model FLOPs of one forward pass over one packed segment of ``text`` + ``visual`` tokens: the linear layers of
+    both streams in every block (the last block's text stream has only its q/k/v projection: its output is never
+    read), plus attention scores and values (4 * L^2 * width per block). Embeddings, adaLN modulation and the output
+    layer are left out."""
     d = config.width
     per_token = linear_flops_per_token(config)
     qkv_only = 2 * 3 * d * d
-    linear = (layout.num_text + layout.num_visual) * per_token * config.depth - layout.num_text * (per_token - qkv_only)
-    attention = sum(4 * (t + v) ** 2 * d for t, v in zip(layout.text_lengths, layout.visual_lengths))
-    return 3 * (linear + attention * config.depth)
+    linear = (text + visual) * per_token * config.depth - text * (per_token - qkv_only)
+    return linear + 4 * (text + visual) ** 2 * d * config.depth
+
+
+def training_flops(batch: PackedBatch, config: ModelConfig) -> float:
+    """Model FLOPs of one training step (forward x 3) over every segment of ``batch``."""
+    layout = batch.layout
+    return 3 * sum(segment_flops(t, v, config) for t, v in zip(layout.text_lengths, layout.visual_lengths))
 
 
 def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 5) -> float:

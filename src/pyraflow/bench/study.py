@@ -1,27 +1,53 @@
 """``pyraflow bench --full``: sample quality at equal compute.
 
 A config's model (the MNIST demo's by default; ``--config`` another, e.g. configs/emoji.yaml) is trained for the
-same wall time (the steps that fit in it, timed first) with four stage mixes — uniform, 25/50/25, a progressive mix
-(50/30/20 moving linearly to 25/50/25 over the first 500 steps) and flat single-stage flow matching at full
-resolution — then each run is evaluated with ``pyraflow eval`` (FID (EfficientNet-Lite0), and digit accuracy for
-digits). Everything but the mix (and, for flat, the stage count) stays as in the config; flat sampling gets the
-pyramid's total number of Euler steps. Each run also reports its throughput (samples and visual tokens per second,
-model FLOPs per step) and its last per-stage losses, from its metrics.
+same wall time (the steps that fit in it, timed first) in several arms: stage mixes (uniform, 25/50/25, a progressive
+mix, flat single-stage flow matching at full resolution), the one-factor-at-a-time diagnosis arms of
+DIAGNOSIS_VARIANTS, or arms given on the command line (``--arm NAME SETTING...``, e.g. a learning-rate search).
+Every arm keeps the config's model, data, token budget and EMA; only its own settings change.
+
+Each run writes a checkpoint at every ``1/checkpoints`` of its steps and each is scored with ``pyraflow eval``
+(FID (EfficientNet-Lite0), and digit accuracy for digits), so a study gives FID against training minutes. A flat arm
+is scored at the pyramid's sampling compute (as many full-resolution Euler steps as the pyramid's sampling costs in
+model FLOPs, e.g. 14 for 10 per stage at 64 px, patch 4), and its final checkpoint once more at the pyramid's total
+step count (30), which gives flat about twice the pyramid's sampling compute. Each run reports its throughput (samples and visual tokens per
+second, model FLOPs per step) and its last per-stage losses, from its metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 import statistics
 import time
 from pathlib import Path
+
+FLAT = ["schedule.stages=1", "batching.mix.ratio=uniform", "sample.steps=30"]
 
 STUDY_VARIANTS = {
     "uniform": ["batching.mix.ratio=uniform"],
     "25-50-25": ["batching.mix.ratio=25-50-25"],
     "progressive": ["batching.mix.kind=linear",
                     "batching.mix.points=[{step: 0, ratio: [0.5, 0.3, 0.2]}, {step: 500, ratio: 25-50-25}]"],
-    "flat": ["schedule.stages=1", "batching.mix.ratio=uniform", "sample.steps=30"],
+    "flat": FLAT,
 }
+
+# One factor at a time against the config as it is (the diagnosis of where a 3-stage pyramid loses to flat).
+# "equal-samples" is filled in per config (see arm_settings).
+DIAGNOSIS_VARIANTS = {
+    "patch4": ["model.patch_size=4"],
+    "patch8": ["model.patch_size=8"],
+    "flat-patch4": FLAT + ["model.patch_size=4"],
+    "flat-patch8": FLAT + ["model.patch_size=8"],
+    "stages2": ["schedule.stages=2", "batching.mix.ratio=uniform"],
+    "independent-noise": ["schedule.gamma=0.001"],  # block-noise correlation ~0: plain Gaussian renoise at jumps
+    "gamma0.1": ["schedule.gamma=0.1"],
+    "density-uniform": ["schedule.density=uniform"],
+    "shift2": ["schedule.shift=2"],
+    "equal-samples": [],
+}
+ARMS = {**STUDY_VARIANTS, **DIAGNOSIS_VARIANTS}
 
 
 CALIBRATION_WARMUP_STEPS = 5  # untimed: the first steps pay for allocation and lazy initialisation
@@ -58,62 +84,304 @@ def visual_tokens_per_stage(config) -> list[int]:
     return [frames * ((height >> (k_max - k)) // patch) * ((width >> (k_max - k)) // patch) for k in range(k_max + 1)]
 
 
+def forward_flops_per_stage(config) -> list[float]:
+    """Model FLOPs of one forward pass over one sample at each stage (text at its full ``text.max_tokens``)."""
+    from pyraflow.bench.standard import segment_flops
+
+    return [segment_flops(config.text.max_tokens, v, config.model) for v in visual_tokens_per_stage(config)]
+
+
+def sampling_flops(config) -> float:
+    """Model FLOPs of sampling one picture with ``config``'s Euler steps per stage (guidance doubles every arm alike,
+    so it is left out)."""
+    steps = config.sample.steps_per_stage(config.schedule.stages)
+    return sum(n * f for n, f in zip(steps, forward_flops_per_stage(config)))
+
+
+def equal_compute_steps(flat_config, pyramid_config) -> int:
+    """Full-resolution Euler steps whose model FLOPs equal the pyramid's sampling of one picture."""
+    return max(1, round(sampling_flops(pyramid_config) / forward_flops_per_stage(flat_config)[-1]))
+
+
+def pyramid_counterpart(flat_config, base):
+    """The pyramid a flat run is measured against: the flat run's own config (its patch size, text, ...) with the
+    base config's stages and sampling steps."""
+    from dataclasses import replace
+
+    return replace(flat_config, schedule=replace(flat_config.schedule, stages=base.schedule.stages), sample=base.sample)
+
+
+@contextlib.contextmanager
+def independent_jump_noise():
+    """Sample with the corrective block noise switched off: stage jumps add independent unit Gaussian noise (same
+    coefficients) instead of noise correlated -gamma within each 2x2 block, so the correlation nearest upsampling
+    gave the noise stays. The "block noise off" arm of the diagnosis (a sampling-only factor: training draws fresh
+    noise at every stage start either way)."""
+    from unittest import mock
+
+    import torch
+
+    from pyraflow import schedule
+
+    def independent(shape, gamma, generator=None, dtype=torch.float32, device=None):
+        return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+    with mock.patch.object(schedule, "block_noise", independent):
+        yield
+
+
+def arm_settings(name: str, base_config) -> list[str]:
+    """The settings of a named arm for ``base_config``: "equal-samples" caps every batch at the samples a
+    full-resolution batch holds (so the pyramid's batches carry fewer tokens), the others are fixed lists."""
+    if name not in ARMS:
+        raise ValueError(f"unknown study arm {name!r}; choose from {', '.join(ARMS)} or give your own with "
+                         "--arm NAME SETTING...")
+    if name == "equal-samples":
+        full = base_config.text.max_tokens + visual_tokens_per_stage(base_config)[-1]
+        return [f"batching.max_samples={max(1, base_config.batching.token_budget // full)}"]
+    return list(ARMS[name])
+
+
 def throughput(run_dir: Path, config) -> dict:
     """Samples and visual tokens per second, model FLOPs per step and the last logged per-stage losses of a run,
     from its metrics.jsonl (the logged steps after the first, so start-up and compilation are left out)."""
-    import json
-
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()][1:]
+    rows = read_metrics(run_dir)[1:]
     if not rows:
         return {}
     per_stage = visual_tokens_per_stage(config)
+    flops = [3 * f for f in forward_flops_per_stage(config)]
     seconds = sum(r["seconds"] for r in rows)
     samples = [sum(r["samples_stage"]) for r in rows]
     visual = [sum(n * t for n, t in zip(r["samples_stage"], per_stage)) for r in rows]
     last = rows[-1]
     return {"samples_per_s": sum(samples) / seconds, "visual_tokens_per_s": sum(visual) / seconds,
             "step_s_logged": seconds / len(rows),
+            "gflop_per_step": statistics.mean(sum(n * f for n, f in zip(r["samples_stage"], flops)) for r in rows) / 1e9,
             "stage_loss_last": {k: last[f"loss_stage{k}"] for k in range(len(per_stage)) if f"loss_stage{k}" in last}}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def training_minutes_at(rows: list[dict], step: int) -> float:
+    """Training minutes up to ``step`` from a run's metrics: each logged row times one step (its ``seconds``), taken
+    for every step since the previous row (steps only: no evaluation, grids or checkpoint writes)."""
+    total, previous = 0.0, 0
+    for r in rows:
+        if r["step"] > step:
+            break
+        total += r["seconds"] * (r["step"] - previous)
+        previous = r["step"]
+    return total / 60
+
+
+def minutes_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """The first minute at which a (minutes, FID) curve reaches ``target``, interpolated linearly between its points;
+    None if it never does."""
+    previous = None
+    for minutes, fid in curve:
+        if fid <= target:
+            if previous is None:
+                return minutes
+            (m0, f0), (m1, f1) = previous, (minutes, fid)
+            return m0 + (m1 - m0) * (f0 - target) / (f0 - f1)
+        previous = (minutes, fid)
+    return None
+
+
+def mean_curve(runs: list[dict]) -> list[tuple[float, float]]:
+    """FID against training minutes averaged over seeds, checkpoint by checkpoint."""
+    points = min(len(r["curve"]) for r in runs)
+    return [(statistics.mean(r["curve"][i]["minutes"] for r in runs),
+             statistics.mean(r["curve"][i]["fid"] for r in runs)) for i in range(points)]
 
 
 def quality_study(out_dir: str | Path, minutes: float = 10.0, seeds: list[int] | tuple[int, ...] = (0,),
                   num_eval: int = 200, progress: bool = True, config_path: str | None = None,
-                  variants: list[str] | None = None) -> dict:
-    """Train and evaluate every variant (or those named) of the config at ``config_path`` (None: the demo) for
-    ``minutes`` with each seed (seed-major, so an interrupted study still holds whole seeds); report each run and the
-    mean over seeds."""
+                  overrides: list[str] | None = None, variants: list[str] | None = None,
+                  arms: dict[str, list[str]] | None = None, checkpoints: int = 4, eval_steps: list[int] | None = None,
+                  eval_independent_jumps: bool = False) -> dict:
+    """Train and evaluate every arm (the four STUDY_VARIANTS by default; named ones of ARMS; ``arms``: extra named
+    settings, where a bare arm name among them stands for that arm's settings) of the config at ``config_path``
+    (None: the demo) with ``overrides`` for ``minutes`` with each seed (seed-major, so an interrupted study still
+    holds whole seeds). ``eval_steps``: also score each final checkpoint at these Euler steps per stage;
+    ``eval_independent_jumps``: and each pyramid's without corrective block noise (independent_jump_noise). Reports
+    each run and the mean over seeds, and how many minutes flat and the best pyramid arm need to reach each other's
+    final FID."""
+    from pyraflow.bench.standard import machine
     from pyraflow.config import load_config
+
+    overrides = list(overrides or [])
+    base = load_config(config_path, overrides)
+    plan = {name: arm_settings(name, base) for name in (variants or ([] if arms else list(STUDY_VARIANTS)))}
+    for name, settings in (arms or {}).items():
+        plan[name] = [s for item in settings for s in (arm_settings(item, base) if "=" not in item else [item])]
+    out_dir = Path(out_dir)
+    runs: dict[str, list[dict]] = {name: [] for name in plan}
+    for seed in seeds:
+        for name, arm in plan.items():
+            settings = overrides + arm + [f"train.seed={seed}", f"batching.seed={seed}", "train.sample_every=0",
+                                          "train.keep_checkpoints=0"]
+            steps = steps_in(load_config(config_path, settings + ["train.checkpoint_every=0"]), minutes,
+                             out_dir / f"seed{seed}" / f"{name}-calibration")
+            config = load_config(config_path, settings + [
+                f"train.steps={steps}", f"train.checkpoint_every={math.ceil(steps / checkpoints)}",
+                f"train.time_limit_minutes={TIME_LIMIT_SLACK * minutes}"])
+            runs[name].append(train_and_score(config, base, out_dir / f"seed{seed}" / name, seed, num_eval, progress,
+                                              eval_steps or [], eval_independent_jumps))
+    return summarise(runs, {"config": config_path or "built-in defaults (configs/mnist.yaml)", "machine": machine(),
+                            "overrides": overrides, "minutes_per_variant": minutes, "seeds": list(seeds),
+                            "eval_samples": num_eval, "arms": plan})
+
+
+def train_and_score(config, base, run_dir: Path, seed: int, num_eval: int, progress: bool, eval_steps: list[int],
+                    eval_independent_jumps: bool) -> dict:
+    """One run of the study: train ``config``, score every checkpoint it wrote (a flat run at the sampling compute
+    of ``base``'s pyramid, then once at its step count), then the extra scores asked for; with its throughput."""
     from pyraflow.evaluation import evaluate
     from pyraflow.train import run_training
 
-    names = variants or list(STUDY_VARIANTS)
-    unknown = [n for n in names if n not in STUDY_VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown study variant(s) {unknown}; choose from {', '.join(STUDY_VARIANTS)}.")
-    out_dir = Path(out_dir)
-    runs: dict[str, list[dict]] = {name: [] for name in names}
-    for seed in seeds:
-        for name in names:
-            settings = STUDY_VARIANTS[name] + [f"train.seed={seed}", f"batching.seed={seed}", "train.sample_every=0",
-                                               "train.checkpoint_every=0"]
-            run_dir = out_dir / f"seed{seed}" / name
-            steps = steps_in(load_config(config_path, settings), minutes, out_dir / f"seed{seed}" / f"{name}-calibration")
-            config = load_config(config_path, settings + [f"train.steps={steps}",
-                                                          f"train.time_limit_minutes={TIME_LIMIT_SLACK * minutes}"])
-            started = time.perf_counter()
-            summary = run_training(config, run_dir, progress=progress)
-            result = evaluate(run_dir, num=num_eval, seed=seed, progress=progress)
-            runs[name].append({"seed": seed, "steps": summary["steps"], "train_minutes": (time.perf_counter() - started) / 60,
-                               "fid_efficientnet_lite0": result["fid_efficientnet_lite0"],
-                               "digit_accuracy": result.get("digit_accuracy"),
-                               "classifier_heldout_accuracy": result.get("classifier_heldout_accuracy"),
-                               **throughput(run_dir, config), "run_dir": str(run_dir)})
+    def fid(checkpoint: Path, steps: int | None = None) -> dict:
+        return evaluate(checkpoint, num=num_eval, seed=seed, steps=steps, progress=progress)
+
+    started = time.perf_counter()
+    summary = run_training(config, run_dir, progress=progress)
+    train_minutes = (time.perf_counter() - started) / 60
+    rows = read_metrics(run_dir)
+    extra, curve_steps = {}, None
+    flat = config.schedule.stages == 1 and base.schedule.stages > 1
+    if flat:
+        pyramid = pyramid_counterpart(config, base)
+        curve_steps = extra["equal_sampling_compute_steps"] = equal_compute_steps(config, pyramid)
+    curve = []
+    for step_dir in sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:])):
+        step = int(step_dir.name[5:])
+        result = fid(step_dir, curve_steps)
+        curve.append({"step": step, "minutes": training_minutes_at(rows, step),
+                      "fid": result["fid_efficientnet_lite0"], "digit_accuracy": result.get("digit_accuracy")})
+    if flat:
+        n = sum(pyramid.sample.steps_per_stage(pyramid.schedule.stages))
+        extra["equal_sampling_steps"] = {"steps": n, "fid": fid(run_dir, n)["fid_efficientnet_lite0"]}
+    for n in eval_steps:
+        extra[f"fid_steps{n}"] = fid(run_dir, n)["fid_efficientnet_lite0"]
+    if eval_independent_jumps and config.schedule.stages > 1:
+        with independent_jump_noise():
+            extra["fid_independent_jumps"] = fid(run_dir)["fid_efficientnet_lite0"]
+    return {"seed": seed, "steps": summary["steps"], "train_minutes": train_minutes,
+            "fid_efficientnet_lite0": curve[-1]["fid"], "digit_accuracy": curve[-1]["digit_accuracy"], "curve": curve,
+            **extra, "sampling_gflop": sampling_flops(config) / 1e9, **throughput(run_dir, config),
+            "run_dir": str(run_dir)}
+
+
+def summarise(runs: dict[str, list[dict]], header: dict) -> dict:
+    """Means over seeds per arm, the best arm, and the minutes each of flat and the best pyramid arm needs to reach
+    the other's final FID (mean curves)."""
     rows = {}
     for name, r in runs.items():
-        rows[name] = {"runs": r, "fid_mean": statistics.mean(x["fid_efficientnet_lite0"] for x in r)}
-        accuracies = [x["digit_accuracy"] for x in r if x["digit_accuracy"] is not None]
+        rows[name] = {"runs": r, "fid_mean": statistics.mean(x["fid_efficientnet_lite0"] for x in r),
+                      "curve_mean": mean_curve(r)}
+        accuracies = [x["digit_accuracy"] for x in r if x.get("digit_accuracy") is not None]
         if accuracies:
             rows[name]["digit_accuracy_mean"] = statistics.mean(accuracies)
-    best = min(rows, key=lambda n: rows[n]["fid_mean"])
-    return {"config": config_path or "built-in defaults (configs/mnist.yaml)", "minutes_per_variant": minutes,
-            "seeds": list(seeds), "eval_samples": num_eval, "variants": rows, "best_fid": best}
+        if all("equal_sampling_steps" in x for x in r):
+            rows[name]["fid_equal_sampling_steps_mean"] = statistics.mean(x["equal_sampling_steps"]["fid"] for x in r)
+    result = {**header, "variants": rows, "best_fid": min(rows, key=lambda n: rows[n]["fid_mean"])}
+    flat = [n for n in rows if n == "flat" or n.startswith("flat")]
+    pyramid = [n for n in rows if n not in flat]
+    if flat and pyramid:
+        best_flat = min(flat, key=lambda n: rows[n]["fid_mean"])
+        best_pyramid = min(pyramid, key=lambda n: rows[n]["fid_mean"])
+        f_curve, p_curve = rows[best_flat]["curve_mean"], rows[best_pyramid]["curve_mean"]
+        result["crossing"] = {
+            "flat": best_flat, "pyramid": best_pyramid,
+            "flat_final_fid": f_curve[-1][1], "pyramid_final_fid": p_curve[-1][1],
+            "flat_final_minutes": f_curve[-1][0], "pyramid_final_minutes": p_curve[-1][0],
+            "pyramid_minutes_to_flat_final": minutes_to_reach(p_curve, f_curve[-1][1]),
+            "flat_minutes_to_pyramid_final": minutes_to_reach(f_curve, p_curve[-1][1]),
+        }
+    return result
+
+
+def merge_studies(studies: list[dict]) -> dict:
+    """One study from several runs of the same config and minutes (e.g. seed 0 one day, seed 1 the next): the runs of
+    each arm (and arms only one has) together, summarised again."""
+    first = studies[0]
+    for other in studies[1:]:
+        for key in ("config", "overrides", "minutes_per_variant", "eval_samples"):
+            if other.get(key) != first.get(key):
+                raise ValueError(f"cannot merge studies with different {key}: {first.get(key)!r} vs {other.get(key)!r}")
+    runs: dict[str, list[dict]] = {}
+    arms: dict[str, list[str]] = {}
+    for study in studies:
+        for name, row in study["variants"].items():
+            if name in arms and study["arms"][name] != arms[name]:
+                raise ValueError(f"cannot merge arm {name!r}: its settings differ between the studies")
+            arms[name] = study["arms"][name]
+            runs.setdefault(name, []).extend(row["runs"])
+    header = {k: v for k, v in first.items() if k not in ("variants", "best_fid", "crossing", "seeds", "arms")}
+    seeds = sorted({r["seed"] for rs in runs.values() for r in rs})
+    return summarise(runs, {**header, "seeds": seeds, "arms": arms})
+
+
+def plot_fid_curves(studies: list[dict], path: str | Path, titles: list[str] | None = None) -> None:
+    """FID against training minutes, every arm's mean over seeds (each seed faint), one panel per study."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(studies), figsize=(4.6 * len(studies), 3.8), squeeze=False)
+    for i, (ax, study) in enumerate(zip(axes[0], studies)):
+        for name, row in study["variants"].items():
+            style = "--" if name.startswith("flat") else "-"
+            line, = ax.plot(*zip(*row["curve_mean"]), style, marker="o", label=name)
+            for run in row["runs"]:
+                ax.plot([p["minutes"] for p in run["curve"]], [p["fid"] for p in run["curve"]], style,
+                        color=line.get_color(), alpha=0.25)
+        ax.set_title(titles[i] if titles else Path(str(study["config"])).stem)
+        ax.set_xlabel("training minutes")
+        ax.set_ylabel("FID (EfficientNet-Lite0), lower is better")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_study(q: dict) -> str:
+    """The study as text: per arm the mean FID, per seed FID / steps / throughput, the FID curve and, for flat, its
+    FID at the pyramid's sampling compute; then where flat and the best pyramid arm reach each other's final FID."""
+    lines = [f"quality at equal compute, {q.get('config', 'the demo')} ({q['minutes_per_variant']:g} min each, "
+             f"seeds {q['seeds']}, {q['eval_samples']} samples per FID)" + (
+                 f", {q['machine']['cpu']}" if "machine" in q else "") + ":"]
+    for name, row in q["variants"].items():
+        def run_text(r):
+            accuracy = f" / {100 * r['digit_accuracy']:.1f}%" if r.get("digit_accuracy") is not None else ""
+            speed = (f", {r['samples_per_s']:.1f} samples/s, {r['visual_tokens_per_s']:.0f} visual tok/s, "
+                     f"{r['gflop_per_step']:.1f} GFLOP/step" if "visual_tokens_per_s" in r else "")
+            other_steps = "".join(f", {k[9:]} Euler steps/stage {v:.0f}" for k, v in r.items() if k.startswith("fid_steps"))
+            if "fid_independent_jumps" in r:
+                other_steps += f", without block noise {r['fid_independent_jumps']:.0f}"
+            return f"{r['fid_efficientnet_lite0']:.0f}{accuracy} ({r['steps']} steps{speed}{other_steps})"
+
+        accuracy = f"  digit accuracy {100 * row['digit_accuracy_mean']:5.1f}%" if "digit_accuracy_mean" in row else ""
+        equal = (f" at the pyramid's sampling compute ({row['runs'][0]['equal_sampling_compute_steps']} steps); "
+                 f"{row['fid_equal_sampling_steps_mean']:.1f} at its step count "
+                 f"({row['runs'][0]['equal_sampling_steps']['steps']} steps)" if "fid_equal_sampling_steps_mean" in row
+                 else "")
+        lines.append(f"  {name:<18} FID {row['fid_mean']:7.1f}{equal}{accuracy}  (per seed: "
+                     f"{', '.join(run_text(r) for r in row['runs'])})")
+        lines.append(f"  {'':<18} curve: " + ", ".join(f"{m:.1f} min {f:.0f}" for m, f in row["curve_mean"]))
+    if "crossing" in q:
+        c = q["crossing"]
+
+        def reach(minutes):
+            return "never" if minutes is None else f"{minutes:.1f} min"
+
+        lines.append(f"  {c['pyramid']} reaches {c['flat']}'s final FID {c['flat_final_fid']:.0f} at "
+                     f"{reach(c['pyramid_minutes_to_flat_final'])} (flat: {c['flat_final_minutes']:.1f} min); "
+                     f"{c['flat']} reaches {c['pyramid']}'s final FID {c['pyramid_final_fid']:.0f} at "
+                     f"{reach(c['flat_minutes_to_pyramid_final'])} (pyramid: {c['pyramid_final_minutes']:.1f} min)")
+    return "\n".join(lines)

@@ -7,8 +7,9 @@ medium skin tone") from the ``emoji`` package, or Unicode's character name, or, 
 points (those are counted and logged, never dropped).
 
 Glyphs reach their code-point sequences through the font's cmap (single characters) and its GSUB ligatures (flags,
-skin tones, ZWJ sequences). A fixed held-out split (every HELDOUT_EVERY-th glyph in code-point order) is what
-``pyraflow eval`` scores against.
+skin tones, ZWJ sequences). ``data.skin_tones: false`` leaves out every glyph with a skin-tone modifier. A fixed
+held-out split (every HELDOUT_EVERY-th glyph in code-point order, chosen before any glyph is left out, so a filtered
+split is a subset of the full one) is what ``pyraflow eval`` scores against.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ EMOJI_SPLITS = ("train", "heldout")
 _SKIN_TONE = re.compile(r" ((?:medium-light|medium-dark|light|medium|dark) skin tone.*)$")
 _AFTER_TONE = re.compile(r"(skin tone) (?=\S)")  # "handshake: light skin tone, dark skin tone"
 _REGIONAL = range(0x1F1E6, 0x1F200)
+_SKIN_TONES = frozenset(range(0x1F3FB, 0x1F400))  # the five Fitzpatrick modifiers
 _IGNORED = {0xFE0F, 0xFE0E}  # variation selectors: not part of a name
 
 
@@ -156,6 +158,8 @@ class EmojiGlyphs:
         self.items: list[tuple[str, str, bytes]] = []  # (glyph name, caption, PNG)
         for i, (sequence, name) in enumerate(glyphs):
             if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) != (split == "heldout"):
+                continue
+            if not config.skin_tones and _SKIN_TONES.intersection(sequence):
                 continue
             caption = caption_for(sequence) if sequence else None
             if caption is None:
