@@ -41,8 +41,8 @@ DIAGNOSIS_VARIANTS = {
     "flat-patch4": FLAT + ["model.patch_size=4"],
     "flat-patch8": FLAT + ["model.patch_size=8"],
     "stages2": ["schedule.stages=2", "batching.mix.ratio=uniform"],
-    "independent-noise": ["schedule.gamma=0.001"],  # block-noise correlation ~0: plain Gaussian renoise at jumps
-    "gamma0.1": ["schedule.gamma=0.1"],
+    "gamma0.1": ["schedule.gamma=0.1"],  # weaker block-noise correlation, so each stage starts at more noise
+    # (block noise off altogether is a sampling-only factor: --eval-independent-jumps)
     "density-uniform": ["schedule.density=uniform"],
     "shift2": ["schedule.shift=2"],
     "equal-samples": [],
