@@ -134,9 +134,11 @@ def test_bench_study_arguments_are_checked(capsys):
 
 
 @pytest.mark.slow
-def test_a_tiny_study_scores_every_checkpoint_and_flat_at_the_pyramids_sampling_compute(tmp_path):
+def test_a_tiny_study_scores_every_checkpoint_and_flat_at_the_pyramids_sampling_compute(tmp_path, monkeypatch):
     """Two arms of a tiny MNIST model, a few seconds each: each run's curve has one point per checkpoint, in order of
-    steps and minutes, and flat is also scored at the pyramid's sampling compute."""
+    steps and minutes, and flat is also scored at the pyramid's sampling compute. (The time-limit guard is widened:
+    a run of two seconds on a busy machine would otherwise stop before its steps.)"""
+    monkeypatch.setattr(study, "TIME_LIMIT_SLACK", 100.0)
     config = tmp_path / "tiny.yaml"
     config.write_text("model: {width: 32, depth: 2, num_heads: 2}\nbatching: {token_budget: 400}\n")
     result = study.quality_study(tmp_path / "runs", minutes=0.03, num_eval=10, progress=False,
@@ -196,4 +198,6 @@ def test_training_minutes_count_every_step_between_logged_rows():
     rows = [{"step": 10, "seconds": 0.6}, {"step": 20, "seconds": 1.2}, {"step": 25, "seconds": 0.6}]
     assert study.training_minutes_at(rows, 20) == pytest.approx((10 * 0.6 + 10 * 1.2) / 60)
     assert study.training_minutes_at(rows, 25) == pytest.approx((10 * 0.6 + 10 * 1.2 + 5 * 0.6) / 60)
-    assert study.training_minutes_at(rows, 5) == 0.0
+    assert study.training_minutes_at(rows, 5) == pytest.approx(5 * 0.6 / 60)  # a step before the first row
+    assert study.training_minutes_at(rows, 15) == pytest.approx((10 * 0.6 + 5 * 1.2) / 60)
+    assert study.training_minutes_at(rows, 30) == pytest.approx((10 * 0.6 + 10 * 1.2 + 10 * 0.6) / 60)  # after the last

@@ -166,13 +166,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def training_minutes_at(rows: list[dict], step: int) -> float:
     """Training minutes up to ``step`` from a run's metrics: each logged row times one step (its ``seconds``), taken
-    for every step since the previous row (steps only: no evaluation, grids or checkpoint writes)."""
+    for every step since the previous row (the last row's for steps after it); steps only: no evaluation, grids or
+    checkpoint writes."""
     total, previous = 0.0, 0
     for r in rows:
-        if r["step"] > step:
-            break
-        total += r["seconds"] * (r["step"] - previous)
+        total += r["seconds"] * (min(r["step"], step) - previous)
         previous = r["step"]
+        if previous >= step:
+            break
+    else:
+        if rows and step > previous:
+            total += rows[-1]["seconds"] * (step - previous)
     return total / 60
 
 
