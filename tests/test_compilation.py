@@ -13,7 +13,6 @@ from pyraflow.packing import Sample, unpack
 from helpers import packed, randomised_model, random_samples, rel_err
 
 
-
 def forward_backward(model, samples, seed=0):
     """Outputs per sample and the gradients of a random projection of them (parameters, latents, text)."""
     for s in samples:

@@ -10,7 +10,6 @@ from helpers import CHANNELS, POOLED_DIM, TEXT_DIM, packed, randomised_model, ra
 TRAINABLE_BACKENDS = ["grouped", "flash"]  # flash through its kernel's contract in plain torch (conftest)
 
 
-
 @pytest.mark.parametrize("backend", TRAINABLE_BACKENDS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_packed_forward_and_gradients_equal_each_sample_alone(backend, seed, flash_on_cpu):

@@ -35,6 +35,11 @@ class MetricsLog:
         self.writer.close()
 
 
+def load_metrics(metrics_path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl, in order."""
+    return [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+
+
 def plot_losses(metrics_path: Path, out_path: Path) -> None:
     """Loss per stage and overall against step, as a PNG."""
     import matplotlib
@@ -42,7 +47,7 @@ def plot_losses(metrics_path: Path, out_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = load_metrics(metrics_path)
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)

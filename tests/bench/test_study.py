@@ -97,12 +97,13 @@ def test_minutes_to_reach_interpolates_between_checkpoints():
 
 
 def test_the_summary_finds_where_flat_and_the_best_pyramid_reach_each_other():
-    def run(curve):
-        return {"fid_efficientnet_lite0": curve[-1][1], "curve": [{"minutes": m, "fid": f} for m, f in curve]}
+    def run(curve, flat=False):
+        return {"fid_efficientnet_lite0": curve[-1][1], "curve": [{"minutes": m, "fid": f} for m, f in curve],
+                **({"equal_sampling_compute_steps": 15} if flat else {})}
 
     runs = {"25-50-25": [run([(2, 300), (4, 200)]), run([(2, 320), (4, 220)])],  # mean (2, 310), (4, 210)
             "uniform": [run([(2, 330), (4, 260)])],
-            "flat": [run([(2, 400), (4, 250)])]}
+            "flat": [run([(2, 400), (4, 250)], flat=True)]}  # a flat run is known by its equal-compute scoring
     result = study.summarise(runs, {})
     c = result["crossing"]
     assert (c["flat"], c["pyramid"], result["best_fid"]) == ("flat", "25-50-25", "25-50-25")

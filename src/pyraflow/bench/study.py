@@ -9,7 +9,7 @@ Every arm keeps the config's model, data, token budget and EMA; only its own set
 Each run writes a checkpoint at every ``1/checkpoints`` of its steps and each is scored with ``pyraflow eval``
 (FID (EfficientNet-Lite0), and digit accuracy for digits), so a study gives FID against training minutes. A flat arm
 is scored at the pyramid's sampling compute (as many full-resolution Euler steps as the pyramid's sampling costs in
-model FLOPs, e.g. 14 for 10 per stage at 64 px, patch 4), and its final checkpoint once more at the pyramid's total
+model FLOPs: equal_compute_steps), and its final checkpoint once more at the pyramid's total
 step count (30), which gives flat about twice the pyramid's sampling compute. Each run reports its throughput (samples and visual tokens per
 second, model FLOPs per step) and its last per-stage losses, from its metrics.
 """
@@ -17,11 +17,12 @@ second, model FLOPs per step) and its last per-stage losses, from its metrics.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import statistics
 import time
 from pathlib import Path
+
+from pyraflow.reporting import load_metrics
 
 FLAT = ["schedule.stages=1", "batching.mix.ratio=uniform", "sample.steps=30"]
 
@@ -145,7 +146,7 @@ def arm_settings(name: str, base_config) -> list[str]:
 def throughput(run_dir: Path, config) -> dict:
     """Samples and visual tokens per second, model FLOPs per step and the last logged per-stage losses of a run,
     from its metrics.jsonl (the logged steps after the first, so start-up and compilation are left out)."""
-    rows = read_metrics(run_dir)[1:]
+    rows = load_metrics(run_dir / "metrics.jsonl")[1:]
     if not rows:
         return {}
     per_stage = visual_tokens_per_stage(config)
@@ -158,10 +159,6 @@ def throughput(run_dir: Path, config) -> dict:
             "step_s_logged": seconds / len(rows),
             "gflop_per_step": statistics.mean(sum(n * f for n, f in zip(r["samples_stage"], flops)) for r in rows) / 1e9,
             "stage_loss_last": {k: last[f"loss_stage{k}"] for k in range(len(per_stage)) if f"loss_stage{k}" in last}}
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def training_minutes_at(rows: list[dict], step: int) -> float:
@@ -252,7 +249,7 @@ def train_and_score(config, base, run_dir: Path, seed: int, num_eval: int, progr
     started = time.perf_counter()
     summary = run_training(config, run_dir, progress=progress)
     train_minutes = (time.perf_counter() - started) / 60
-    rows = read_metrics(run_dir)
+    rows = load_metrics(run_dir / "metrics.jsonl")
     extra, curve_steps = {}, None
     flat = config.schedule.stages == 1 and base.schedule.stages > 1
     if flat:
@@ -274,7 +271,7 @@ def train_and_score(config, base, run_dir: Path, seed: int, num_eval: int, progr
             extra["fid_independent_jumps"] = fid(run_dir)["fid_efficientnet_lite0"]
     return {"seed": seed, "steps": summary["steps"], "train_minutes": train_minutes,
             "fid_efficientnet_lite0": curve[-1]["fid"], "digit_accuracy": curve[-1]["digit_accuracy"], "curve": curve,
-            **extra, "sampling_gflop": sampling_flops(config) / 1e9, **throughput(run_dir, config),
+            **extra, **throughput(run_dir, config),
             "run_dir": str(run_dir)}
 
 
@@ -291,7 +288,7 @@ def summarise(runs: dict[str, list[dict]], header: dict) -> dict:
         if all("equal_sampling_steps" in x for x in r):
             rows[name]["fid_equal_sampling_steps_mean"] = statistics.mean(x["equal_sampling_steps"]["fid"] for x in r)
     result = {**header, "variants": rows, "best_fid": min(rows, key=lambda n: rows[n]["fid_mean"])}
-    flat = [n for n in rows if n == "flat" or n.startswith("flat")]
+    flat = [n for n, r in runs.items() if all("equal_sampling_compute_steps" in x for x in r)]
     pyramid = [n for n in rows if n not in flat]
     if flat and pyramid:
         best_flat = min(flat, key=lambda n: rows[n]["fid_mean"])

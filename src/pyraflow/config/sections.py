@@ -171,8 +171,8 @@ class DataConfig:
     num_samples: int | None = None
     """Dataset size for ``pyraflow plan`` when the data is not at hand (e.g. a GPU-scale preset)."""
     skin_tones: bool = True
-    """emoji: keep the skin-tone variants of people and hands (1,492 of Noto's 3,534 training glyphs, near-copies of
-    about 300 others); false keeps only their default yellow glyphs, so every other glyph is seen more often."""
+    """emoji: keep the skin-tone variants of people and hands (near-copies of their default yellow glyphs, a large
+    share of the font); false keeps only the default glyphs, so every other glyph is seen more often."""
 
     def __post_init__(self) -> None:
         check_choice("data.dataset", self.dataset, DATASETS)
