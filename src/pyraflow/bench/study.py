@@ -9,8 +9,8 @@ Every arm keeps the config's model, data, token budget and EMA; only its own set
 Each run writes a checkpoint at every ``1/checkpoints`` of its steps and each is scored with ``pyraflow eval``
 (FID (EfficientNet-Lite0), and digit accuracy for digits), so a study gives FID against training minutes. A flat arm
 is scored at the pyramid's sampling compute (as many full-resolution Euler steps as the pyramid's sampling costs in
-model FLOPs: equal_compute_steps), and its final checkpoint once more at the pyramid's total
-step count (30), which gives flat about twice the pyramid's sampling compute. Each run reports its throughput (samples and visual tokens per
+model FLOPs: equal_compute_steps), and its final checkpoint once more at the pyramid's total step count, which gives
+flat about twice the pyramid's sampling compute. Each run reports its throughput (samples and visual tokens per
 second, model FLOPs per step) and its last per-stage losses, from its metrics.
 """
 
