@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pyraflow.config import ModelConfig
-from pyraflow.model import MultiStageMMDiT
+from pyraflow.archs.mmdit import MultiStageMMDiT
 from pyraflow.packing import Sample, pack
 
 TEXT_DIM, POOLED_DIM, CHANNELS = 24, 12, 3

@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pyraflow import interop
+from pyraflow import convert, interop
+from pyraflow.archs import load_model
+from pyraflow.weights import MODEL, REFERENCE, index_name
 from pyraflow.archs.sd3 import sincos_table
 from pyraflow.cli import main
 
@@ -31,7 +33,7 @@ def case(variant: str, name: str):
 @pytest.mark.parametrize("backend", ["grouped", "flex", "flash"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_reference_forward_reproduces_the_recorded_outputs(variant, backend, flash_on_cpu):
-    model = interop.load(FIXTURES / variant / "model", attention=backend).eval()
+    model = load_model(FIXTURES / variant / "model", attention=backend).eval()
     for name in CASES:
         inputs, expected, description = case(variant, name)
         with torch.no_grad():
@@ -48,7 +50,7 @@ def test_reference_forward_reproduces_the_recorded_outputs(variant, backend, fla
 def test_dropping_the_reference_semantics_breaks_parity(variant):
     """The fixtures can tell: text that cannot see the first frame, or history conditioned on its own timestep,
     change the outputs well beyond the tolerance."""
-    model = interop.load(FIXTURES / variant / "model", attention="grouped").eval()
+    model = load_model(FIXTURES / variant / "model", attention="grouped").eval()
     inputs, expected, _ = case(variant, "video-3stage")
     model.text_step = -1  # pyraflow's own rule: text sees only text
     with torch.no_grad():
@@ -58,7 +60,7 @@ def test_dropping_the_reference_semantics_breaks_parity(variant):
 
 def test_history_follows_the_current_timestep():
     """The reference has one timestep per row: a history clip's own noise level must not change the output."""
-    model = interop.load(FIXTURES / "flux" / "model", attention="grouped").eval()
+    model = load_model(FIXTURES / "flux" / "model", attention="grouped").eval()
     (sample, text, mask, pooled, timestep), _, _ = case("flux", "video-history")
     samples = interop.reference_samples(sample, text, mask, pooled, timestep)
     from pyraflow.packing import pack, unpack
@@ -90,10 +92,10 @@ def test_export_then_import_gives_bit_identical_weights_and_the_reference_config
     # sharded export (a shard per few tensors), read back through the index
     assert main(["convert", "--to", "pyramid-flow", str(tmp_path / "pf"), "--out", str(tmp_path / "shards"),
                  "--shard-gb", "0.0005"]) == 0
-    assert (tmp_path / "shards" / interop.REFERENCE_INDEX).is_file()
+    assert (tmp_path / "shards" / index_name(REFERENCE)).is_file()
     assert main(["convert", "--from", "pyramid-flow", str(tmp_path / "shards"), "--out", str(tmp_path / "pf2")]) == 0
-    original = load_file(str(released / interop.REFERENCE_WEIGHTS))
-    for weights in (tmp_path / "ref" / interop.REFERENCE_WEIGHTS, tmp_path / "pf2" / "model.safetensors"):
+    original = load_file(str(released / REFERENCE))
+    for weights in (tmp_path / "ref" / REFERENCE, tmp_path / "pf2" / MODEL):
         again = load_file(str(weights))
         assert again.keys() == original.keys()
         assert all(torch.equal(again[k], original[k]) for k in original)
@@ -105,9 +107,9 @@ def test_export_then_import_gives_bit_identical_weights_and_the_reference_config
 
 
 def test_a_converted_checkpoint_loads_to_the_same_outputs(tmp_path):
-    interop.import_reference(FIXTURES / "mmdit" / "model", tmp_path / "pf", dtype=torch.bfloat16)
-    released = interop.load(FIXTURES / "mmdit" / "model").eval()
-    converted = interop.load(tmp_path / "pf").eval()
+    convert.import_reference(FIXTURES / "mmdit" / "model", tmp_path / "pf", dtype=torch.bfloat16)
+    released = load_model(FIXTURES / "mmdit" / "model").eval()
+    converted = load_model(tmp_path / "pf").eval()
     inputs, _, _ = case("mmdit", "image-3stage")
     with torch.no_grad():
         a = interop.reference_forward(released, *inputs)
@@ -126,21 +128,21 @@ def test_bad_folders_are_named(tmp_path):
 
     write(_class_name="UNet2DModel")
     with pytest.raises(ValueError, match="not a Pyramid Flow transformer"):
-        interop.import_reference(folder, tmp_path / "out")
+        convert.import_reference(folder, tmp_path / "out")
     write(num_layers=2)
     with pytest.raises(ValueError, match="missing \\['transformer_blocks.1"):
-        interop.import_reference(folder, tmp_path / "out")
+        convert.import_reference(folder, tmp_path / "out")
     write(patch_size=2)
     with pytest.raises(ValueError, match="only works with 1"):
-        interop.import_reference(folder, tmp_path / "out")
+        convert.import_reference(folder, tmp_path / "out")
     write()
-    (folder / interop.REFERENCE_WEIGHTS).write_bytes(b"not safetensors")
+    (folder / REFERENCE).write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="damaged|cannot be read"):
-        interop.load(folder)
-    (folder / interop.REFERENCE_WEIGHTS).unlink()
-    (folder / interop.REFERENCE_INDEX).write_text(json.dumps({"weight_map": {"x": "part-1.safetensors"}}))
+        load_model(folder)
+    (folder / REFERENCE).unlink()
+    (folder / index_name(REFERENCE)).write_text(json.dumps({"weight_map": {"x": "part-1.safetensors"}}))
     with pytest.raises(FileNotFoundError, match="part-1.safetensors"):
-        interop.load(folder)
-    assert not (tmp_path / "out" / "model.safetensors").exists()  # nothing half-written
+        load_model(folder)
+    assert not (tmp_path / "out" / MODEL).exists()  # nothing half-written
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
-        interop.export_reference(tmp_path, tmp_path / "x")
+        convert.export_reference(tmp_path, tmp_path / "x")

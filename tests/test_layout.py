@@ -82,8 +82,10 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_leaves_import_no_other_pyraflow_module():
     graph = import_graph()
-    for leaf in ("pyraflow.config.buckets", "pyraflow.config.loading", "pyraflow.storage"):
+    for leaf in ("pyraflow.config.buckets", "pyraflow.config.loading", "pyraflow.storage", "pyraflow.packing"):
         assert graph[leaf] == set(), f"{leaf} imports {graph[leaf]}"
+    # the home of weights on disk knows files and configs, no model
+    assert graph["pyraflow.weights"] <= {"pyraflow", "pyraflow.config", "pyraflow.storage"}, graph["pyraflow.weights"]
     assert graph["pyraflow.config.sections"] <= {"pyraflow.config.buckets"}
     assert graph["pyraflow.config"] <= {"pyraflow.config.loading", "pyraflow.config.sections", "pyraflow.config.buckets"}
     assert graph["pyraflow.schedule"] <= {"pyraflow.config"}

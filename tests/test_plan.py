@@ -5,8 +5,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from pyraflow import interop
+from pyraflow.archs import load_model
 from pyraflow.config import load_config
 from pyraflow.lora import add_adapters, trainable_count
 from pyraflow.plan import memory_report, parameter_counts, plan_report
@@ -26,7 +28,7 @@ def test_parameter_counts_match_the_reference_and_peft(variant, parameters):
     config = replace(config, model=model_config)
     total, adapters, rank = parameter_counts(config)
     assert total == parameters and rank == 4
-    model = interop.load(FIXTURES / variant / "model")
+    model = load_model(FIXTURES / variant / "model")
     add_adapters(model, config.train.lora)
     assert adapters == trainable_count(model)
 
@@ -49,3 +51,25 @@ def test_memory_grows_with_the_batch():
     config = load_config(ROOT / "configs" / "pyramid-flow-sd3-finetune.yaml")
     small, large = memory_report(config, 8, [1000] * 4), memory_report(config, 8, [1000] * 8)
     assert large["per_gpu"][0]["activations_gb"] == pytest.approx(2 * small["per_gpu"][0]["activations_gb"])
+
+
+def test_plan_counts_the_bytes_a_trainer_holds_per_weight(tmp_path):
+    """20 bytes per trained weight, against what a real tiny Trainer holds after a step: its fp32 weights, a
+    gradient for each (alive during the step, freed after it), every AdamW state tensor and the EMA."""
+    from pyraflow.train import Trainer
+
+    config = load_config(None, ["model.width=32", "model.depth=2", "model.num_heads=2", "batching.token_budget=400",
+                                "train.steps=1", "sample.per_prompt=1"])
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    try:
+        trainer.train_step()
+    finally:
+        trainer.close()
+    weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    gradients = sum(p.numel() * p.element_size() for p in trainer.params)
+    optimizer = sum(v.numel() * v.element_size() for state in trainer.optimizer.state.values()
+                    for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+    ema = sum(e.numel() * e.element_size() for e in trainer.ema)
+    assert optimizer == 2 * weights and ema == weights  # the pieces are all there
+    row = next(r for r in memory_report(config, 1, [100])["per_gpu"] if r["mode"] == "full" and r["parallel"] == "ddp")
+    assert row["weights_and_optimizer_gb"] * 2**30 == pytest.approx(weights + gradients + optimizer + ema, rel=1e-9)

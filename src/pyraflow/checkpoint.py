@@ -1,6 +1,6 @@
 """Checkpoints: written whole or not at all, found again by run directory or by path.
 
-  RUN/checkpoints/step-N/   config.json + model.safetensors (MultiStageMMDiT.from_pretrained reads these),
+  RUN/checkpoints/step-N/   config.json + model.safetensors (a model directory: pyraflow.weights, archs.load_model),
                             ema.safetensors, null_text.safetensors, run.yaml (the full config),
                             trainer.pt (LR schedule, batcher position, stage mix, counters, precision),
                             optimizer.pt (the full AdamW state; under FSDP read by rank 0 alone)
@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from pyraflow.storage import atomic_path, remove_partials
+from pyraflow.weights import CONFIG, EMA, MODEL, NULL_TEXT
 
-REQUIRED = ("config.json", "model.safetensors", "ema.safetensors", "null_text.safetensors", "run.yaml", "trainer.pt",
-            "optimizer.pt")
-SAMPLING = ("config.json", "ema.safetensors", "null_text.safetensors", "run.yaml")  # what sampling needs
+REQUIRED = (CONFIG, MODEL, EMA, NULL_TEXT, "run.yaml", "trainer.pt", "optimizer.pt")
+SAMPLING = (CONFIG, EMA, NULL_TEXT, "run.yaml")  # what sampling needs
 
 
 def write_checkpoint(run_dir: Path, step: int, writer, keep: int) -> Path:
@@ -62,22 +62,6 @@ def resolve_checkpoint(path: str | Path, needs: tuple[str, ...] = REQUIRED) -> P
             "Pass a run directory or a checkpoints/step-N directory written by 'pyraflow train'."
         )
     return path
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} cannot be read ({err}); the checkpoint is corrupt, use an earlier step-N.") from err
 
 
 def load_trainer_state(path: Path, name: str = "trainer.pt") -> dict:

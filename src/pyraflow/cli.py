@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data", action="store_true",
                        help="only the data benchmark: peak memory and data wait training from prepared caches of 2,000 "
                             "and 50,000 synthetic samples (~4 GB of temporary files, a few minutes)")
+    bench.add_argument("--startup", action="store_true",
+                       help="only the start-up benchmark: peak host memory per rank while a 2-rank FSDP2 run sets up from a "
+                            "226 M-parameter model directory (~1 GB of temporary files, a few minutes)")
     bench.add_argument("--full", action="store_true",
                        help="also the quality study: train the MNIST demo with 4 stage mixes for equal time, evaluate each")
     bench.add_argument("--minutes", type=float, default=10.0, help="training minutes per variant for --full (default 10)")
@@ -170,50 +173,27 @@ def _convert(args) -> int:
 
     import torch
 
-    from pyraflow import interop
+    from pyraflow import convert
 
     dtype = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    out = Path(args.out)
+    out, shard_bytes = Path(args.out), int(args.shard_gb * 2**30)
     if not (args.from_format or args.to_format or args.merge_lora):
         raise ValueError("say what to convert: --from pyramid-flow (a released folder), --to pyramid-flow (a pyraflow "
                          "model) or --merge-lora (a LoRA run).")
     if args.from_format:
         if args.merge_lora:
             raise ValueError("--merge-lora reads a pyraflow LoRA run; it does not go with --from.")
-        config = interop.import_reference(args.source, out, dtype)
+        config = convert.import_reference(args.source, out, dtype)
         print(f"pyraflow convert: {args.source} -> {out} (model.arch {config.arch}, {config.depth} + "
               f"{config.single_depth} blocks, width {config.width}); train from it with train.init_from={out}")
         return 0
-    source = Path(args.source)
-    weights = "model.safetensors" if args.raw else "ema.safetensors"
-    if (source / "checkpoints").is_dir() or (source / "run.yaml").is_file():
-        from pyraflow.checkpoint import resolve_checkpoint
-
-        source = resolve_checkpoint(source, ("config.json", "run.yaml", weights))
-    elif not (source / weights).is_file():
-        weights = "model.safetensors"  # a model directory (save_pretrained, pyraflow convert --from)
     if args.merge_lora:
-        from pyraflow.config import load_config
-        from pyraflow.lora import merge_adapters, trained_model
-
-        if not (source / "run.yaml").is_file():
-            raise ValueError(f"--merge-lora: {source} is not a run or checkpoint (no run.yaml); point at a LoRA run.")
-        config = load_config(source / "run.yaml")
-        if not config.train.lora.rank:
-            raise ValueError(f"--merge-lora: {source} was trained without LoRA (train.lora.rank 0); its weights are "
-                             "whole already: convert it without --merge-lora.")
-        model = merge_adapters(trained_model(source, config, weights))
-        state = {k: (v if dtype is None else v.to(dtype)) for k, v in model.state_dict().items()}
-        if args.to_format:
-            reference = interop.write_reference(model.config, iter(state.items()), out, int(args.shard_gb * 2**30))
-            print(f"pyraflow convert: {source / weights} + {config.train.init_from} -> {out} ({reference['_class_name']}, "
-                  "adapters merged)")
-        else:
-            (model if dtype is None else model.to(dtype)).save_pretrained(out)
-            print(f"pyraflow convert: {source / weights} + {config.train.init_from} -> {out} (adapters merged)")
+        _, read = convert.merge_lora(args.source, out, args.raw, dtype, bool(args.to_format), shard_bytes)
+        kind = "a released folder" if args.to_format else "a pyraflow model directory"
+        print(f"pyraflow convert: {read} + its base -> {out} ({kind}, adapters merged)")
         return 0
-    reference = interop.export_reference(source, out, weights, dtype, int(args.shard_gb * 2**30))
-    print(f"pyraflow convert: {source / weights} -> {out} ({reference['_class_name']}); the reference loads it with "
+    reference = convert.export_reference(args.source, out, args.raw, dtype, shard_bytes)
+    print(f"pyraflow convert: {args.source} -> {out} ({reference['_class_name']}); the reference loads it with "
           f"{reference['_class_name']}.from_pretrained('{out}')")
     return 0
 
@@ -357,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
 
                 result = {"data": data_benchmark(progress=not args.json)}
                 print(json.dumps(result, indent=2) if args.json else format_data(result["data"]))
+                return 0
+            if args.startup:
+                from pyraflow.bench.startup import format_startup, startup_memory
+
+                result = {"startup": startup_memory(progress=not args.json)}
+                print(json.dumps(result, indent=2) if args.json else format_startup(result["startup"]))
                 return 0
             if args.only_study and not args.full:
                 raise ValueError("--only-study goes with --full (the quality study); add --full.")

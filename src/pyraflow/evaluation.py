@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pyraflow.storage import atomic_path
 
 
 def _efficientnet() -> nn.Module:
@@ -136,18 +135,17 @@ def _mnist_pixels(config, split: str, data_config=None) -> tuple[torch.Tensor, t
 
 def digit_classifier(config, cache: Path | None = None) -> tuple[DigitClassifier, float]:
     """The classifier (trained once, then reused from ``cache``) and its held-out accuracy."""
-    from safetensors.torch import load_file, save_file
+    from pyraflow.weights import load_tensors, save_tensors
 
     model = DigitClassifier()
     if cache is not None and cache.is_file():
-        model.load_state_dict(load_file(str(cache)))
+        model.load_state_dict(load_tensors(cache))
         model.eval()
     else:
         images, labels = _mnist_pixels(config, "train", classifier_data(config))
         model = train_digit_classifier(images, labels)
         if cache is not None:
-            with atomic_path(cache) as tmp:
-                save_file(model.state_dict(), str(tmp))
+            save_tensors(model.state_dict(), cache)
     heldout, heldout_labels = _mnist_pixels(config, "heldout", classifier_data(config))
     accuracy = float((classify(model, heldout) == heldout_labels).float().mean())
     return model, accuracy
@@ -253,8 +251,9 @@ def evaluate(checkpoint: str | Path, num: int = 200, seed: int = 0, steps: int |
     from pyraflow.data.sources import HELDOUT_DATASETS
     from pyraflow.sample import load_pipeline
     from pyraflow.checkpoint import SAMPLING, resolve_checkpoint
+    from pyraflow.weights import DIGIT_CLASSIFIER, MODEL
 
-    path = resolve_checkpoint(checkpoint, SAMPLING + (() if use_ema else ("model.safetensors",)))
+    path = resolve_checkpoint(checkpoint, SAMPLING + (() if use_ema else (MODEL,)))
     pipeline = load_pipeline(path, device, use_ema=use_ema)
     config = pipeline.config
     is_mnist = config.data.dataset == "mnist"
@@ -311,7 +310,7 @@ def evaluate(checkpoint: str | Path, num: int = 200, seed: int = 0, steps: int |
         }
     if is_mnist:
         try:
-            classifier, heldout_accuracy = digit_classifier(config, path.parent.parent / "eval" / "digit_classifier.safetensors")
+            classifier, heldout_accuracy = digit_classifier(config, path.parent.parent / "eval" / DIGIT_CLASSIFIER)
             predicted = classify(classifier, samples)
             result["digit_accuracy"] = float((predicted == torch.tensor(digits)).float().mean())
             result["classifier_heldout_accuracy"] = heldout_accuracy

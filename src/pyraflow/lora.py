@@ -1,20 +1,16 @@
-"""Low-rank adapters through peft, and the model a run trains or samples: its architecture, its initial weights
-(train.init_from) and, with train.lora, adapters on top of the frozen base.
+"""Low-rank adapters through peft: injected into a model with everything else frozen, counted, folded back.
 
-A LoRA run's checkpoints hold only the adapters (and their EMA); the base is read again from train.init_from, so
-a resume and sampling rebuild the same model. ``merge_adapters`` folds them into the base weights for export.
+A LoRA run's checkpoints hold only the adapters (and their EMA); the base is read again from train.init_from
+(pyraflow.archs.training_model), so a resume and sampling rebuild the same model. ``merge_adapters`` folds them
+into the base weights for export.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 
-from pyraflow.archs import build_model, load_model
-from pyraflow.config import Config, LoraConfig
-from pyraflow.model import WEIGHTS, PackedTransformer
+from pyraflow.config import LoraConfig
 
 # The attention projections of each architecture (q, k, v and output of both streams), peft's name endings.
 DEFAULT_TARGETS = {
@@ -25,7 +21,7 @@ DEFAULT_TARGETS = {
 ADAPTER = "lora_"  # every adapter tensor's name has it (lora_A, lora_B)
 
 
-def add_adapters(model: PackedTransformer, lora: LoraConfig) -> None:
+def add_adapters(model: nn.Module, lora: LoraConfig) -> None:
     """Inject adapters in place (peft) and freeze everything else."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
@@ -42,7 +38,7 @@ def add_adapters(model: PackedTransformer, lora: LoraConfig) -> None:
         parameter.requires_grad_(ADAPTER in name)
 
 
-def merge_adapters(model: PackedTransformer) -> PackedTransformer:
+def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base layer and put the plain layer back: the model of the merged weights, with
     the architecture's own parameter names."""
     from peft.tuners.lora import LoraLayer
@@ -53,37 +49,6 @@ def merge_adapters(model: PackedTransformer) -> PackedTransformer:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
     model.requires_grad_(True)
-    return model
-
-
-def training_model(config: Config, load_base: bool) -> PackedTransformer:
-    """The model a run trains, on the CPU: a fresh ``model.arch``, or train.init_from's weights (``load_base``: the
-    start of a run, or any LoRA run, whose checkpoints lack the base), with adapters where train.lora asks."""
-    from pyraflow.interop import load_weights_into
-
-    model = build_model(config.model)
-    tc = config.train
-    if tc.init_from and (load_base or tc.lora.rank):
-        load_weights_into(model, tc.init_from)
-    if tc.lora.rank:
-        add_adapters(model, tc.lora)
-    return model
-
-
-def trained_model(directory: str | Path, config: Config, weights: str = WEIGHTS) -> PackedTransformer:
-    """The model of a checkpoint (``weights``: model.safetensors or ema.safetensors): for a LoRA run its base
-    (train.init_from) with the checkpoint's adapters."""
-    if not config.train.lora.rank:
-        return load_model(directory, weights)
-    from safetensors.torch import load_file
-
-    model = training_model(config, load_base=True)
-    state = load_file(str(Path(directory) / weights))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    adapters = {name for name in model.state_dict() if ADAPTER in name}
-    if unexpected or adapters - set(state):
-        raise ValueError(f"{Path(directory) / weights} does not hold this run's adapters (missing "
-                         f"{sorted(adapters - set(state))[:3]}, unexpected {unexpected[:3]}); the checkpoint is inconsistent.")
     return model
 
 

@@ -13,10 +13,32 @@ import numpy as np
 from tqdm import tqdm
 
 from pyraflow.batching import TokenBudgetBatcher, example_classes
-from pyraflow.config import Config
+from pyraflow.config import Config, ModelConfig
 from pyraflow.data import planned_size, resolve_buckets
-from pyraflow.model import estimate_activation_bytes
 from pyraflow.schedule import PyramidSchedule
+
+
+# ----- cost estimates (also the bench's FLOP counts) -----------------------------------------------------
+
+def linear_flops_per_token(cfg: ModelConfig) -> float:
+    """Forward multiply-add FLOPs (x2) of every linear layer per visual or text token per block."""
+    d = cfg.width
+    return 2 * (3 * d * d + d * d + 2 * d * int(d * cfg.mlp_ratio))
+
+
+def estimate_activation_bytes(cfg: ModelConfig, segment_lengths: list[int], bytes_per_element: int = 2,
+                              checkpoint_fraction: float | None = None) -> int:
+    """Rough activation memory of one training step: what autograd keeps per token per block (norm outputs, q/k/v,
+    attention output, MLP input and hidden, residuals: about (16 + 2 * mlp_ratio) * width values), times tokens and
+    blocks; a checkpointed block keeps only its input (width values per token) and one block is recomputed at a
+    time. Attention is assumed flash-style (no L x L scores kept)."""
+    fraction = cfg.checkpoint_fraction if checkpoint_fraction is None else checkpoint_fraction
+    tokens = sum(segment_lengths)
+    per_token = (16 + 2 * cfg.mlp_ratio) * cfg.width
+    blocks = cfg.depth + cfg.single_depth
+    checkpointed = round(fraction * blocks)
+    kept = (blocks - checkpointed) * per_token + checkpointed * cfg.width + (per_token if checkpointed else 0)
+    return int(tokens * kept * bytes_per_element)
 
 
 def schedule_report(schedule: PyramidSchedule) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pyraflow.storage import atomic_path
+from pyraflow.storage import atomic_path, write_text
 
 
 class MetricsLog:
@@ -18,7 +18,8 @@ class MetricsLog:
         if resume_step and self.path.is_file():  # drop lines past the checkpoint we resumed from
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            # rewritten through a temporary file: a crash during the rewrite leaves the history as it was
+            write_text(self.path, "".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from pyraflow.config import TextConfig
-from pyraflow.storage import atomic_path
 
 
 @dataclass
@@ -176,17 +175,15 @@ def load_text_encoder(config: TextConfig, device: torch.device | str = "cpu",
 
 
 def save_null(embedding: TextEmbedding, path: str | Path) -> None:
-    from safetensors.torch import save_file
+    from pyraflow.weights import save_tensors
 
-    with atomic_path(path) as tmp:
-        save_file({"tokens": embedding.tokens.contiguous(), "lengths": embedding.lengths.contiguous(),
-                   "pooled": embedding.pooled.contiguous()}, str(tmp))
+    save_tensors({"tokens": embedding.tokens, "lengths": embedding.lengths, "pooled": embedding.pooled}, path)
 
 
 def load_null(path: str | Path) -> TextEmbedding:
-    from safetensors.torch import load_file
+    from pyraflow.weights import load_tensors
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} is missing: the checkpoint has no null text embedding; it is not a complete run.")
-    t = load_file(str(path))
+    t = load_tensors(path)
     return TextEmbedding(t["tokens"], t["lengths"], t["pooled"])

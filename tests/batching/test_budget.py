@@ -130,6 +130,16 @@ def test_attention_cost_counts_long_segments_for_more():
     assert max(b.cost for b in weighted) <= 2048
 
 
+def test_a_batch_costs_the_sum_of_its_samples_tokens_plus_their_attention_term():
+    a = 1 / 1536
+    for b in run(batcher(attention_cost=a), 50):
+        lengths = [MNIST_TOKENS[c] for c in b.classes]  # one entry per sample
+        assert len(b.sample_ids) == len(lengths) and b.counts == [b.classes.count(k) for k in range(3)]
+        assert b.tokens == sum(lengths)
+        assert b.cost == pytest.approx(sum(length + a * length**2 for length in lengths), rel=1e-12)
+        assert b.cost <= 2048
+
+
 def test_adaptive_mix_favours_the_stage_that_stops_improving():
     mix = AdaptiveMix(MixConfig(kind="adaptive", ratio="uniform", adaptive_every=10, adaptive_rate=0.2,
                                 adaptive_min=0.1, adaptive_max=0.6), 3)

@@ -10,7 +10,7 @@ import torch
 from pyraflow.bench.standard import (ROW_ORDER, VARIANTS, TrainStep, standard_batch, standard_model_config,
                                      standard_samples, training_flops)
 from pyraflow.cli import main
-from pyraflow.model import MultiStageMMDiT
+from pyraflow.archs.mmdit import MultiStageMMDiT
 from pyraflow.packing import pack
 from helpers import per_segment_attention
 

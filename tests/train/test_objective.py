@@ -1,12 +1,14 @@
 """The objective: counter-based random state per (rank, batch), examples carrying their targets, and the loss
 against an independent per-sample computation."""
 
+from dataclasses import replace
+
 import torch
 
 from pyraflow.batching import example_classes
 from pyraflow.config import load_config
 from pyraflow.data.loader import BatchPlan
-from pyraflow.packing import pack, unpack
+from pyraflow.packing import HistoryPart, pack, unpack
 from pyraflow.schedule import PyramidSchedule
 from pyraflow.train.objective import ExampleBuilder, batch_generator, flow_matching_loss
 from helpers import CHANNELS, random_samples
@@ -54,4 +56,27 @@ def test_the_loss_is_the_mean_over_samples_of_each_samples_mse_on_its_predicted_
     expected = torch.stack([(v - s.target).square().mean() for v, s in zip(predicted, samples)])
     order = batch.layout.order  # per_sample comes in packed order
     torch.testing.assert_close(per_sample, expected[order])
+    torch.testing.assert_close(loss, expected.mean())
+
+
+def test_history_tokens_carry_no_loss():
+    """The loss against each sample's MSE computed from the samples alone; the model's output is laid out by packing
+    the predictions themselves, with history tokens that would dominate the loss if they were counted."""
+    g = torch.Generator().manual_seed(4)
+    samples = random_samples(4, count=6, frames=(2,))
+    for i, s in enumerate(samples):
+        if i % 2 == 0:  # every other sample continues 1 or 2 earlier frames
+            frames = 1 + i % 4 // 2
+            s.history = [HistoryPart(stage=0, latent=torch.randn(CHANNELS, frames, 4, 4, generator=g), timestep=0.0,
+                                     first_frame=0, unit=None)]
+            s.first_frame = frames
+        s.target = torch.randn(s.latent.shape, generator=g)
+    predictions = [torch.randn(s.latent.shape, generator=g) for s in samples]
+    batch = pack(samples, num_stages=3)
+    as_output = pack([replace(s, latent=p, history=[replace(h, latent=torch.full_like(h.latent, 1e3)) for h in s.history])
+                      for s, p in zip(samples, predictions)], num_stages=3)
+    assert as_output.layout.num_visual > batch.predicted.numel()  # history tokens are in the output
+    loss, per_sample = flow_matching_loss(as_output.visual, batch)
+    expected = torch.stack([(p - s.target).square().mean() for p, s in zip(predictions, samples)])
+    torch.testing.assert_close(per_sample, expected[batch.layout.order])
     torch.testing.assert_close(loss, expected.mean())

@@ -274,3 +274,62 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatc
     assert reads == []
     metrics = trainer.read_metrics(step)  # the metrics are all there, read afterwards
     assert metrics["loss"] > 0 and sum(metrics["samples_stage"]) > 0 and metrics["grad_norm"] > 0
+
+
+def test_the_ema_follows_its_formula_step_by_step(tmp_path):
+    """EMA_s = d_s EMA_{s-1} + (1 - d_s) W_s with d_s = decay * min(1, s / warmup) for the s-th update (from 0),
+    computed in float64 from the weights after each step."""
+    trainer = Trainer(tiny("train.ema_decay=0.9", "train.ema_warmup_steps=3", "train.steps=6"), tmp_path / "run",
+                      progress=False)
+    expected = [p.detach().double().clone() for p in trainer.params]
+    try:
+        for s in range(6):
+            trainer.train_step()
+            decay = 0.9 * min(1.0, s / 3)
+            expected = [decay * e + (1 - decay) * p.detach().double() for e, p in zip(expected, trainer.params)]
+    finally:
+        trainer.close()
+    assert any(not torch.allclose(e, p.detach().double(), atol=1e-4) for e, p in zip(expected, trainer.params))
+    for e, ema in zip(expected, trainer.ema):
+        torch.testing.assert_close(ema.double(), e, atol=1e-6, rtol=0)
+
+
+def sharded_start(tmp_path, expected: Path, settings: list[str]) -> list[dict]:
+    out = tmp_path / "start"
+    command = TORCHRUN + [str(Path(__file__).with_name("torchrun_start.py")), str(out), str(expected), *TINY,
+                          "train.parallel=fsdp", *settings]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "start.json").read_text())
+
+
+@pytest.mark.distributed
+def test_a_sharded_run_starts_from_the_stored_weights_and_a_fresh_one_as_a_single_process_would(tmp_path):
+    """FSDP2 builds the model empty and fills each rank's rows: from train.init_from's file every weight (and the
+    EMA) equals the stored one; a fresh model equals the single-process initialisation of the same seed."""
+    from pyraflow.archs import build_model, training_model
+    from pyraflow.weights import MODEL, save_model, save_tensors
+
+    config = tiny()
+    generator = torch.Generator().manual_seed(3)
+    state = {k: torch.randn(v.shape, generator=generator) for k, v in build_model(config.model).state_dict().items()}
+    save_model(config.model, state, tmp_path / "base")
+    for rank in sharded_start(tmp_path / "from-file", tmp_path / "base" / MODEL, [f"train.init_from={tmp_path / 'base'}"]):
+        assert rank["weights_max_diff"] == 0 and rank["ema_max_diff"] == 0 and rank["compared"] == rank["trained"] == len(state)
+    torch.manual_seed(config.train.seed)
+    save_tensors(training_model(config, load_base=False).state_dict(), tmp_path / "fresh.safetensors")
+    for rank in sharded_start(tmp_path / "fresh", tmp_path / "fresh.safetensors", []):
+        assert rank["weights_max_diff"] == 0 and rank["compared"] == len(state)
+
+
+def test_fresh_adapters_of_a_sharded_run_follow_peft_and_repeat_per_tensor():
+    from pyraflow.train.trainer import fresh_adapter
+
+    name, shape = "blocks.0.visual.qkv.lora_A.default.weight", torch.Size([64, 256])
+    a = fresh_adapter(name, shape, 0)
+    assert torch.equal(a, fresh_adapter(name, shape, 0))  # every rank draws the same tensor
+    assert not torch.equal(a, fresh_adapter(name, shape, 1)) and not torch.equal(a, fresh_adapter(name + "x", shape, 0))
+    bound = 1 / 256**0.5  # Kaiming-uniform with a = sqrt(5), as peft initialises lora_A
+    assert a.abs().max() <= bound and a.std().item() == pytest.approx(bound / 3**0.5, rel=0.02)
+    assert not fresh_adapter(name.replace("lora_A", "lora_B"), shape, 0).any()

@@ -18,7 +18,7 @@ from pyraflow.archs.layers import (DoubleStreamBlock, JointAttention, Modulation
                                    TimeTextEmbedding, gated, modulated, patch_order, reference_init, zero_init)
 from pyraflow import compilation
 from pyraflow.config import ModelConfig
-from pyraflow.model import Context, rope_tables
+from pyraflow.archs.base import Context, rope_tables
 from pyraflow.packing import Layout, PackedBatch
 
 QK_EPS = 1e-6

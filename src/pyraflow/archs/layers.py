@@ -13,25 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pyraflow import compilation
-from pyraflow.model import Context, PackedTransformer, RunBroadcast, apply_rope, timestep_embedding
+from pyraflow.archs.base import Context, PackedTransformer, apply_rope, gated, modulated, rms_norm, timestep_embedding
 from pyraflow.packing import PackedBatch
-
-LN_EPS = 1e-6  # every LayerNorm of both models: no affine, eps 1e-6
-
-
-def layer_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], eps=LN_EPS)
-
-
-def modulated(runs: RunBroadcast, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """LN(x) * (1 + scale) + shift, the (R, D) vectors broadcast over their runs' tokens."""
-    return runs.apply(lambda t, sh, sc: layer_norm(t) * (1 + sc) + sh, (x,), (shift, scale))
-
-
-def gated(runs: RunBroadcast, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """x + gate * y, the gate broadcast over its runs' tokens."""
-    return runs.apply(lambda a, b, g: a + g * b, (x, y), (gate,))
-
 
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) * weight, over the head dimension."""
@@ -42,7 +25,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Projection(nn.Module):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pyraflow.archs.layers import (DoubleStreamBlock, Modulation, ReferenceTransformer, TimeTextEmbedding,
                                    patch_order, reference_init)
 from pyraflow.config import ModelConfig
-from pyraflow.model import rope_tables
+from pyraflow.archs.base import rope_tables
 from pyraflow.packing import Layout, PackedBatch
 
 QK_EPS = 1e-5

@@ -63,16 +63,18 @@ class ClassMix:
     def support(self) -> np.ndarray:
         return self.stage_mix.support()[self.class_stages] & (self.weights > 0)
 
+    @property
+    def reads_losses(self) -> bool:
+        return self.stage_mix.reads_losses
+
     def observe(self, step: int, stage_losses: dict[int, float]) -> None:
-        if hasattr(self.stage_mix, "observe"):
-            self.stage_mix.observe(step, stage_losses)
+        self.stage_mix.observe(step, stage_losses)
 
     def state_dict(self) -> dict:
-        return self.stage_mix.state_dict() if hasattr(self.stage_mix, "state_dict") else {}
+        return self.stage_mix.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if hasattr(self.stage_mix, "load_state_dict"):
-            self.stage_mix.load_state_dict(state)
+        self.stage_mix.load_state_dict(state)
 
 
 @dataclass

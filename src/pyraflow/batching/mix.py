@@ -22,7 +22,9 @@ def ratio_array(value, num_stages: int, where: str = "batching.mix.ratio") -> np
 
 
 class MixSchedule:
-    """The target ratio as a pure function of the step (constant, piecewise or linear)."""
+    """The target ratio as a pure function of the step (constant, piecewise or linear): no feedback, no state."""
+
+    reads_losses = False  # the trainer hands per-stage losses (a host read) only to mixes that read them
 
     def __init__(self, config: MixConfig, num_stages: int):
         self.config = config
@@ -76,6 +78,15 @@ class MixSchedule:
                 return (1 - w) * r0 + w * r1
         return self._points[-1][1]
 
+    def observe(self, step: int, stage_losses: dict[int, float]) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def support(self) -> np.ndarray:
         """Stages whose ratio is above zero at some step."""
         if self.config.kind in ("constant", "adaptive"):
@@ -106,6 +117,8 @@ class AdaptiveMix:
     the step; with this fixed delay, which ratio a batch gets never depends on how far ahead it was planned, so
     runs and resumes are deterministic (the delay must exceed the loader's look-ahead).
     """
+
+    reads_losses = True
 
     def __init__(self, config: MixConfig, num_stages: int):
         self.config = config

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pyraflow.attention import QKV, JointOrder, joint_order
-from pyraflow.model import Context, RunBroadcast
+from pyraflow.archs.base import Context, RunBroadcast
 from pyraflow.packing import Layout
 
 

@@ -31,7 +31,7 @@ def write_synthetic_cache(directory: Path, config, samples: int, text_identity: 
                           shard_size: int = 1024) -> None:
     """A finished cache of ``samples`` random latents (config.latent_shape()) and captions (TEXT_TOKENS states of
     config.model.text_dim), as ``pyraflow prepare`` would write it."""
-    from pyraflow.data.cache import cache_meta, shard_tensors, write_shard
+    from pyraflow.data.cache import cache_meta, finish_cache, manifest_row, shard_tensors, write_shard
     from pyraflow.storage import write_json
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -44,11 +44,10 @@ def write_synthetic_cache(directory: Path, config, samples: int, text_identity: 
         m = config.model
         tensors = shard_tensors(torch.randn(n, *shape, generator=g), torch.randn(n, TEXT_TOKENS, m.text_dim, generator=g),
                                 lengths, torch.randn(n, m.pooled_dim, generator=g), config.data.text_dtype)
-        rows = [{"id": f"synthetic-{first + i}", "latent_shape": list(shape), "caption": f"synthetic {first + i}",
-                 "source": "synthetic", "label": None} for i in range(n)]
+        rows = [manifest_row(f"synthetic-{first + i}", shape, f"synthetic {first + i}", "synthetic", None)
+                for i in range(n)]
         write_shard(directory, index, tensors, rows)
-    write_json(directory / "complete.json", {"samples": samples, "shards": -(-samples // shard_size), "skipped": 0,
-                                             "skipped_files": []})
+    finish_cache(directory, samples, -(-samples // shard_size), [])
 
 
 class TreeMemory:

@@ -20,7 +20,7 @@ from pyraflow.bench.standard import (BACKEND_VARIANTS, CUDA_VARIANTS, ROWS, SCAL
                                      matmul_peak_gflops, standard_batch, standard_model_config, training_flops,
                                      variant_names, variant_precisions)
 from pyraflow.compilation import compilations, compile_blocks, reset_compilations, toolchain
-from pyraflow.model import MultiStageMMDiT
+from pyraflow.archs.mmdit import MultiStageMMDiT
 from pyraflow.packing import PackedBatch, Sample, pack
 from pyraflow.train.optim import make_optimizer
 

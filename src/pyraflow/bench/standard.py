@@ -21,7 +21,8 @@ import torch
 from pyraflow.bench.baselines import DenseMaskAttention, RowAttention, per_token_modulation
 from pyraflow.compilation import compile_blocks
 from pyraflow.config import ModelConfig
-from pyraflow.model import MultiStageMMDiT, linear_flops_per_token
+from pyraflow.archs.mmdit import MultiStageMMDiT
+from pyraflow.plan import linear_flops_per_token
 from pyraflow.packing import PackedBatch, Sample, pack
 from pyraflow.train.optim import make_optimizer
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from pyraflow.reporting import load_metrics
+from pyraflow.storage import atomic_path
 
 FLAT = ["schedule.stages=1", "batching.mix.ratio=uniform", "sample.steps=30"]
 
@@ -346,8 +347,8 @@ def plot_fid_curves(studies: list[dict], path: str | Path, titles: list[str] | N
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 

@@ -37,7 +37,7 @@ from pyraflow.config.sections import (
 __all__ = [
     "ATTENTION_BACKENDS", "BatchingConfig", "Bucket", "Config", "auto_aspects", "make_buckets", "nearest_bucket",
     "parse_aspect", "DataConfig", "LatentConfig", "LoraConfig", "MixConfig", "ModelConfig",
-    "SampleConfig", "ScheduleConfig", "TextConfig", "TrainConfig", "VideoConfig", "load_config", "ratio_presets",
+    "SampleConfig", "ScheduleConfig", "TextConfig", "TrainConfig", "VideoConfig", "drop_retired", "load_config", "ratio_presets",
     "resolve_ratio", "to_dict", "to_yaml", "uniform_boundaries", "unit_spans", "valid_keys",
 ]
 
@@ -142,7 +142,7 @@ def valid_keys() -> list[str]:
 RETIRED_KEYS = {("model", "modulation"): "broadcast"}
 
 
-def _drop_retired(raw: dict) -> None:
+def drop_retired(raw: dict) -> None:
     for (section, key), value in RETIRED_KEYS.items():
         part = raw.get(section)
         if isinstance(part, dict) and key in part:
@@ -154,7 +154,7 @@ def _drop_retired(raw: dict) -> None:
 
 def build_config(raw: dict) -> Config:
     """A validated Config from a nested mapping; model.in_channels follows the latents unless set."""
-    _drop_retired(raw)
+    drop_retired(raw)
     kwargs = build_kwargs(Config, raw, valid_keys())
     if "in_channels" not in (raw.get("model") or {}):
         channels = kwargs.get("latent", LatentConfig()).resolved_channels(kwargs.get("data", DataConfig()).channels)

@@ -90,6 +90,20 @@ def shard_tensors(latents: torch.Tensor, text_tokens: torch.Tensor, text_lengths
     }
 
 
+def manifest_row(sample_id: str, latent_shape, caption: str, source: str, label, bucket: int = 0) -> dict:
+    """One line of a shard's manifest (latent_shape: the full-resolution latent's; bucket: its shape bucket, 0 without)."""
+    return {"id": sample_id, "latent_shape": list(latent_shape), "caption": caption, "source": source, "label": label,
+            "bucket": bucket}
+
+
+def finish_cache(out: Path, samples: int, shards: int, skipped_files: list[tuple[str, str]]) -> dict:
+    """Write complete.json, last: its presence marks the cache whole."""
+    summary = {"samples": samples, "shards": shards, "skipped": len(skipped_files),
+               "skipped_files": [{"path": p, "reason": r} for p, r in skipped_files]}
+    write_json(out / "complete.json", summary)
+    return summary
+
+
 def write_shard(out: Path, index: int, tensors: dict[str, torch.Tensor], rows: list[dict]) -> None:
     """Publish one shard: its tensors, then its manifest (whose presence marks the shard done)."""
     from safetensors.torch import save_file
@@ -130,8 +144,8 @@ def prepare(config: DataConfig, out: str | Path, text_encoder, latent_space, pro
             encoded = encode_samples(samples, text_encoder, latent_space)
             tensors = shard_tensors(encoded["latents"], encoded["text_tokens"], encoded["text_lengths"],
                                     encoded["pooled"], config.text_dtype)
-            rows = [{"id": s.id, "latent_shape": list(tensors["latents"].shape[1:]), "caption": s.caption,
-                     "source": s.source, "label": s.label, "bucket": s.bucket} for s in samples]
+            rows = [manifest_row(s.id, tensors["latents"].shape[1:], s.caption, s.source, s.label, s.bucket)
+                    for s in samples]
             write_shard(out, shard, tensors, rows)
             written += len(samples)
         shard += 1
@@ -147,9 +161,7 @@ def prepare(config: DataConfig, out: str | Path, text_encoder, latent_space, pro
         flush(pending[bucket])
     bar.close()
     check_bad_files(dataset, count, config)
-    summary = {"samples": count, "shards": shard, "skipped": len(dataset.bad),
-               "skipped_files": [{"path": p, "reason": r} for p, r in dataset.bad]}
-    write_json(out / "complete.json", summary)
+    summary = finish_cache(out, count, shard, dataset.bad)
     return {**summary, "written": written, "reused": reused}
 
 

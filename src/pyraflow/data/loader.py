@@ -80,12 +80,36 @@ def _one_thread(_worker: int) -> None:
     torch.set_num_threads(1)  # workers share the cores with the step's own threads
 
 
-def training_loader(data, batcher, build: Callable, workers: int, prefetch: int, pin_memory: bool):
-    """A DataLoader over ``data`` driven by ``batcher``; iterate it for LoadedBatch objects."""
-    return torch.utils.data.DataLoader(
+class TrainingBatches:
+    """LoadedBatch objects from a DataLoader whose workers start on the first ``next`` (after a resume has loaded the
+    batcher's state) and stop on ``close``, however the run ends."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self.loader = loader
+        self.iterator = None
+
+    def __iter__(self) -> "TrainingBatches":
+        return self
+
+    def __next__(self) -> LoadedBatch:
+        if self.iterator is None:
+            self.iterator = iter(self.loader)
+        return next(self.iterator)
+
+    def close(self) -> None:
+        # persistent workers outlive the iterator (the DataLoader keeps it for reuse): stop them explicitly, the one
+        # place that calls into the DataLoader's iterator
+        if self.iterator is not None and hasattr(self.iterator, "_shutdown_workers"):
+            self.iterator._shutdown_workers()
+        self.iterator = None
+
+
+def training_loader(data, batcher, build: Callable, workers: int, prefetch: int, pin_memory: bool) -> TrainingBatches:
+    """Batches of ``data`` in the order ``batcher`` plans them, built by ``build`` in ``workers`` processes."""
+    return TrainingBatches(torch.utils.data.DataLoader(
         PlannedRows(data, build), batch_sampler=BatcherSampler(batcher), collate_fn=_unwrap, num_workers=workers,
         prefetch_factor=prefetch if workers else None, persistent_workers=workers > 0, pin_memory=pin_memory,
-        worker_init_fn=_one_thread if workers else None)
+        worker_init_fn=_one_thread if workers else None))
 
 
 def prefetch_depth(workers: int, prefetch: int) -> int:

@@ -9,8 +9,8 @@ import torch
 from pyraflow.compilation import compile_blocks, resolve_compile
 from pyraflow.config import Config
 from pyraflow.media import write_grid
-from pyraflow.lora import trained_model
-from pyraflow.model import PackedTransformer
+from pyraflow.archs import trained_model
+from pyraflow.archs.base import PackedTransformer
 from pyraflow.sample.sampler import model_device, sample_pyramid, sample_video
 from pyraflow.schedule import PyramidSchedule
 from pyraflow.text import TextEmbedding
@@ -157,15 +157,16 @@ def load_pipeline(checkpoint: str | Path, device: torch.device | str | None = No
     from pyraflow.latents import build_latent_space
     from pyraflow.text import load_null, load_text_encoder
     from pyraflow.checkpoint import SAMPLING, resolve_checkpoint
+    from pyraflow.weights import CONFIG, EMA, MODEL, NULL_TEXT
 
     device = torch.device(device) if device is not None else default_device()
-    weights = "ema.safetensors" if use_ema else "model.safetensors"
+    weights = EMA if use_ema else MODEL
     path = resolve_checkpoint(checkpoint, SAMPLING + (weights,))
     config = load_config(path / "run.yaml")
     model = trained_model(path, config, weights)
     if model.config != config.model:
-        raise ValueError(f"{path / 'config.json'} does not match the model section of {path / 'run.yaml'}; "
+        raise ValueError(f"{path / CONFIG} does not match the model section of {path / 'run.yaml'}; "
                          "the checkpoint is inconsistent.")
     text_encoder = load_text_encoder(config.text, widths=(config.model.text_dim, config.model.pooled_dim))
     return Pipeline(config, model.to(device), PyramidSchedule(config.schedule), text_encoder,
-                    build_latent_space(config.latent, device), load_null(path / "null_text.safetensors"))
+                    build_latent_space(config.latent, device), load_null(path / NULL_TEXT))

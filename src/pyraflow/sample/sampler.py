@@ -12,7 +12,7 @@ import time
 import torch
 
 from pyraflow.config import unit_spans
-from pyraflow.model import PackedTransformer
+from pyraflow.archs.base import PackedTransformer
 from pyraflow.packing import Sample, pack, patchify, unpack_stacked
 from pyraflow.schedule import PyramidSchedule
 from pyraflow.text import TextEmbedding

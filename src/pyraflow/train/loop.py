@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -11,7 +10,8 @@ from pathlib import Path
 import torch
 
 from pyraflow.config import Config
-from pyraflow.train.parallelize import barrier, process_group
+from pyraflow.storage import write_json
+from pyraflow.train.parallelize import barrier, gather_objects, main_says, process_group
 from pyraflow.train.trainer import Trainer, TrainingStopped
 
 log = logging.getLogger("pyraflow.train")
@@ -97,7 +97,7 @@ def train(trainer: Trainer, max_steps: int | None = None) -> dict:
                "sample_seconds_per_stage": timings}
     if info.is_main:
         plot_losses(out / "metrics.jsonl", out / "loss.png")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(out / "summary.json", summary)
     return summary
 
 
@@ -109,11 +109,7 @@ def _out_of_time(trainer: Trainer, started: float, minutes: float, logging_step:
         return late
     if not logging_step:
         return False
-    import torch.distributed as dist
-
-    flag = torch.tensor([float(late)], device=trainer.info.device)
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
+    return main_says(late, trainer.info)
 
 
 def grid_sizes(trainer: Trainer) -> list[tuple[str, tuple[int, int] | None]]:
@@ -151,10 +147,7 @@ def write_training_grid(trainer: Trainer, path: Path) -> list[float] | None:
         pixels, timings = pipeline.generate(share, sc.seed + info.rank, size=size) if share else (None, None)
         first = timings if first is None else first
         if info.enabled:
-            import torch.distributed as dist
-
-            gathered = [None] * info.world_size
-            dist.gather_object(pixels, gathered if info.is_main else None, dst=0)
+            gathered = gather_objects(pixels, info)
             if info.is_main:
                 pixels = torch.empty(len(rows), *gathered[0].shape[1:])
                 for rank, part in enumerate(gathered):

@@ -1,6 +1,7 @@
 """Distributed set-up, kept out of the model: process group under torchrun, then DDP or FSDP2.
 
-Order (as torchtitan): activation checkpointing is a model option; data parallelism wraps last.
+Order (as torchtitan): activation checkpointing is a model option; data parallelism wraps last. Every collective the
+training code uses is defined here.
 gloo on CPU (correctness, not speed), NCCL on CUDA.
 
 A run's process group lives inside ``process_group()``: it is destroyed however the run ends (success, an
@@ -133,10 +134,63 @@ def load_from_main(names: list[str], targets: list[torch.Tensor], full: dict[str
             target.copy_(full[name])
 
 
+def local_rows(target: torch.Tensor) -> slice | None:
+    """The rows of the full tensor this rank holds of an FSDP2 parameter (sharded on dim 0 in ``torch.chunk``'s
+    pieces); None for a tensor every rank holds whole."""
+    if not hasattr(target, "full_tensor"):
+        return None
+    from torch.distributed.tensor import Shard
+
+    if len(target.placements) != 1 or target.placements[0] != Shard(0):
+        raise NotImplementedError(f"only FSDP2's dim-0 sharding is read in slices, not {target.placements}")
+    rows, world, rank = target.shape[0], target.device_mesh.size(), target.device_mesh.get_local_rank()
+    chunk = -(-rows // world)
+    start = min(rank * chunk, rows)
+    return slice(start, min(start + chunk, rows))
+
+
+@torch.no_grad()
+def fill_sharded(targets: dict[str, torch.Tensor], read) -> None:
+    """Fill (possibly sharded) tensors from storage, ``read(name, rows)`` giving a stored tensor or its rows: each
+    rank reads only the rows it holds, so no rank ever holds the whole model (no collective either)."""
+    for name, target in targets.items():
+        rows = local_rows(target)
+        local = target if rows is None else target.to_local()
+        stored = read(name, rows)
+        if tuple(stored.shape) != tuple(local.shape):
+            raise ValueError(f"stored tensor {name} gives {tuple(stored.shape)} where this rank holds "
+                             f"{tuple(local.shape)}; the weights are of another model.")
+        local.copy_(stored)
+
+
+def materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Allocate a model whose parameters were built on the meta device (and sharded), keeping its buffers' values
+    (they are computed from the config at build time, not stored everywhere)."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """The sum of ``t`` over every rank, on the device (no host read)."""
     dist.all_reduce(t)
     return t
+
+
+def main_says(flag: bool, info: DistributedInfo) -> bool:
+    """Rank 0's ``flag`` on every rank (a broadcast, which waits for the device)."""
+    value = torch.tensor([float(flag)], device=info.device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
+def gather_objects(obj, info: DistributedInfo) -> list | None:
+    """Every rank's ``obj`` on rank 0, in rank order (None elsewhere)."""
+    gathered = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
 
 
 def barrier(info: DistributedInfo) -> None:

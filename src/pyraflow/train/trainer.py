@@ -10,26 +10,28 @@ the weights, the optimizer, the mix and the batcher's position after the last co
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
+import math
+import zlib
 import time
 from pathlib import Path
 
 import torch
 
 from pyraflow.batching import TokenBudgetBatcher, example_classes
-from pyraflow.checkpoint import load_tensors, load_trainer_state, resolve_checkpoint, save_tensors, write_checkpoint
+from pyraflow.checkpoint import load_trainer_state, resolve_checkpoint, write_checkpoint
 from pyraflow.config import Config, load_config, to_yaml
 from pyraflow.data.loader import prefetch_depth, training_loader
-from pyraflow.archs import build_model
-from pyraflow.lora import training_model
-from pyraflow.model import PackedTransformer
+from pyraflow.archs import build_model, parameters_on_meta, stored_tensors, training_model
+from pyraflow.archs.base import PackedTransformer
+from pyraflow.weights import EMA, MODEL, NULL_TEXT, StoredTensors, save_tensors, write_model_config
 from pyraflow.schedule import PyramidSchedule
 from pyraflow.train.objective import ExampleBuilder, flow_matching_loss
 from pyraflow.train.optim import lr_factor, make_optimizer, resolve_precision
 from pyraflow.compilation import compile_blocks, resolve_compile
-from pyraflow.train.parallelize import (DistributedInfo, all_reduce_sum, barrier, full_tensor, gather_to_main,
-                                        init_distributed, load_from_main, parallelize)
+from pyraflow.lora import ADAPTER, add_adapters
+from pyraflow.train.parallelize import (DistributedInfo, all_reduce_sum, barrier, fill_sharded, full_tensor,
+                                        gather_to_main, init_distributed, load_from_main, materialize, parallelize)
 
 log = logging.getLogger("pyraflow.train")
 
@@ -69,6 +71,16 @@ def load_run_data(config: Config, text_encoder, latent_space, info: DistributedI
     return encode_dataset(config.data, text_encoder, latent_space, progress=progress and info.is_main)
 
 
+def fresh_adapter(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+    """A new adapter tensor as peft initialises one (lora_B zero; lora_A Kaiming-uniform with a = sqrt(5), i.e.
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in))), drawn whole from a generator of (seed, name), so every rank of a sharded
+    run cuts its rows from the same tensor."""
+    if "lora_B" in name:
+        return torch.zeros(shape)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return (torch.rand(shape, generator=generator) * 2 - 1) / math.sqrt(shape[1])
+
+
 class Trainer:
     def __init__(self, config: Config, out_dir: str | Path, resume: bool = False, progress: bool = True,
                  info: DistributedInfo | None = None):
@@ -100,10 +112,13 @@ class Trainer:
         # a resume computes in the precision its run recorded, whatever the device would choose now
         self.precision = self._recorded_precision() if resume else resolve_precision(tc.precision, info.device)
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
-        self.model = training_model(config, load_base=not resume).to(info.device)
-        if resolve_compile(tc.compile, info.device):  # before data parallelism wraps the blocks, as torchtitan orders it
-            compile_blocks(self.model)
-        self.wrapped = parallelize(self.model, info, tc.parallel, self.precision)
+        if self.sharded:
+            self.model, self.wrapped = self._sharded_model(resume)
+        else:
+            self.model = training_model(config, load_base=not resume).to(info.device)
+            if resolve_compile(tc.compile, info.device):  # before data parallelism wraps the blocks, as torchtitan does
+                compile_blocks(self.model)
+            self.wrapped = parallelize(self.model, info, tc.parallel, self.precision)
         # the unwrapped model's names of what trains (DDP shares these parameters; FSDP2 shards them in place): every
         # weight, or with train.lora the adapters only, which are then all that the optimizer, EMA and checkpoints hold
         self.names, self.params = map(list, zip(*[(n, p) for n, p in self.model.named_parameters() if p.requires_grad]))
@@ -136,6 +151,35 @@ class Trainer:
     @property
     def sharded(self) -> bool:
         return self.info.enabled and self.config.train.parallel == "fsdp"
+
+    def _sharded_model(self, resume: bool) -> tuple[PackedTransformer, torch.nn.Module]:
+        """FSDP2 without the whole model on any rank's host: built with its parameters on the meta device, compiled
+        and sharded, then allocated and filled, each rank its own rows: from train.init_from's files (a LoRA run's
+        base, also on resume), or, where there is nothing to read, from rank 0's initialisation (the single-process
+        one), one tensor at a time. Fresh adapters start as peft starts them (B = 0), A drawn per tensor from the
+        run's seed. A resume fills the rest from the checkpoint (``_resume``)."""
+        config, tc, info = self.config, self.config.train, self.info
+        with parameters_on_meta():
+            model = build_model(config.model)
+            if tc.lora.rank:
+                add_adapters(model, tc.lora)
+        if resolve_compile(tc.compile, info.device):
+            compile_blocks(model)
+        wrapped = parallelize(model, info, "fsdp", self.precision)
+        materialize(model, info.device)
+        parameters = dict(model.named_parameters())
+        base = {name: p for name, p in parameters.items() if ADAPTER not in name}
+        if tc.init_from and (not resume or tc.lora.rank):
+            fill_sharded(base, stored_tensors(tc.init_from, config.model).read)
+        elif not resume:
+            torch.manual_seed(tc.seed)
+            full = training_model(config, load_base=False).state_dict() if info.is_main else None
+            load_from_main(list(base), list(base.values()), full, info)
+            del full
+        if tc.lora.rank and not resume:
+            adapters = {name: p for name, p in parameters.items() if ADAPTER in name}
+            fill_sharded(adapters, lambda name, rows: fresh_adapter(name, adapters[name].shape, tc.seed)[rows or slice(None)])
+        return model, wrapped
 
     # ----- set-up checks ---------------------------------------------------------------------------
     def _check_out_dir(self, resume: bool) -> None:
@@ -174,7 +218,7 @@ class Trainer:
     def _next_batch(self):
         """The next built batch, on the device, and the seconds the step waited for it."""
         if self._batches is None:
-            self._batches = iter(self._loader())
+            self._batches = self._loader()
         start = time.perf_counter()
         loaded = next(self._batches)
         waited = time.perf_counter() - start
@@ -183,8 +227,8 @@ class Trainer:
 
     def close(self) -> None:
         """Stop the loader's workers (the loop calls this however the run ends)."""
-        if self._batches is not None and hasattr(self._batches, "_shutdown_workers"):
-            self._batches._shutdown_workers()
+        if self._batches is not None:
+            self._batches.close()
         self._batches = None
 
     def _loss(self, packed):
@@ -234,7 +278,7 @@ class Trainer:
         self.consecutive_bad = (self.consecutive_bad + bad) * bad
         self.worst_bad_run = torch.maximum(self.worst_bad_run, self.consecutive_bad)
         self._interval_tokens += tokens * self.info.world_size
-        if hasattr(self.mix, "observe"):  # an adaptive mix reads each step's per-stage losses (a host read)
+        if self.mix.reads_losses:  # an adaptive mix reads each step's per-stage losses (a host read)
             self.mix.observe(self.step * tc.grad_accum, stage_losses(stage_sum, stage_count))
         return {
             "step": self.step,
@@ -313,17 +357,17 @@ class Trainer:
         model_state, ema_state = {**model_state, **buffers}, {**ema_state, **buffers}
 
         def writer(directory: Path) -> None:
-            (directory / "config.json").write_text(json.dumps(self.config.model.__dict__, indent=2, default=list))
-            save_tensors(model_state, directory / "model.safetensors")
-            save_tensors(ema_state, directory / "ema.safetensors")
-            save_null(self.null, directory / "null_text.safetensors")
+            write_model_config(directory, self.config.model)
+            save_tensors(model_state, directory / MODEL)
+            save_tensors(ema_state, directory / EMA)
+            save_null(self.null, directory / NULL_TEXT)
             (directory / "run.yaml").write_text(to_yaml(self.config))
             torch.save(optimizer_state, directory / "optimizer.pt")
             torch.save({
                 "step": self.step,
                 "lr_schedule": self.lr_schedule.state_dict(),
                 "batcher": self.position,
-                "mix": self.mix.state_dict() if hasattr(self.mix, "state_dict") else None,
+                "mix": self.mix.state_dict(),
                 "bad_steps": int(self.bad_steps),
                 "consecutive_bad": int(self.consecutive_bad),
                 "precision": self.precision,
@@ -352,22 +396,20 @@ class Trainer:
         if "batcher" not in state or "mix" not in state:
             raise ValueError(f"{path} was written by an older pyraflow (before counter-based random state); it cannot "
                              "resume exactly: start a new run, or sample from it as it is.")
-        # sharded runs read the full state on rank 0 alone and scatter it; replicas read it everywhere
-        reads = self.info.is_main or not self.sharded
-        for name, targets in (("model.safetensors", self.params), ("ema.safetensors", self.ema)):
-            full = load_tensors(path / name) if reads else None
-            load_from_main(self.names, targets, full, self.info)
-            if name == "model.safetensors" and full is not None:
-                for buffer, tensor in self.buffers.items():
-                    if buffer in full:
-                        tensor.copy_(full[buffer])
+        # sharded runs: each rank reads the rows it holds; replicas read the whole state
+        for name, targets in ((MODEL, self.params), (EMA, self.ema)):
+            stored = StoredTensors([path / name])
+            fill_sharded(dict(zip(self.names, targets)), stored.read)
+            if name == MODEL:
+                fill_sharded({b: t for b, t in self.buffers.items() if b in stored.names()}, stored.read)
+        reads = self.info.is_main or not self.sharded  # the optimizer state: read whole by rank 0 under FSDP
         optimizer = load_trainer_state(path, "optimizer.pt") if reads else {}
         set_optimizer_state_dict(self.wrapped, self.optimizer, optimizer, options=StateDictOptions(
             full_state_dict=True, broadcast_from_rank0=self.sharded))
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.batcher.load_state_dict(state["batcher"])
         self.position = state["batcher"]
-        if state["mix"] is not None:
+        if state["mix"]:  # None or {}: a mix without state
             self.mix.load_state_dict(state["mix"])
         self.step = state["step"]
         self.bad_steps.fill_(state["bad_steps"])

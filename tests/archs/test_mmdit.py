@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from pyraflow.model import MultiStageMMDiT, RunBroadcast
+from pyraflow.archs.base import RunBroadcast
+from pyraflow.archs.mmdit import MultiStageMMDiT
 from pyraflow.packing import Sample, pack, unpack
 from helpers import CHANNELS, POOLED_DIM, TEXT_DIM, packed, randomised_model, random_samples, rel_err
 
@@ -125,8 +126,15 @@ def test_corrupt_or_missing_checkpoints_are_named(tmp_path):
 def test_init_makes_every_block_start_as_identity():
     torch.manual_seed(0)
     model = MultiStageMMDiT(randomised_model(0).config)  # real init
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda block, inputs, outputs: seen.append((inputs[:2], outputs)))
     out = model(packed(random_samples(10), model))
-    assert torch.count_nonzero(out) == 0  # zero output layer and zero gates
+    assert len(seen) == len(model.blocks)
+    for (text_in, visual_in), (text_out, visual_out) in seen:
+        assert visual_in.abs().max() > 0 and text_in.abs().max() > 0
+        assert torch.equal(visual_out, visual_in) and torch.equal(text_out, text_in)  # zero gates: x + 0 * f(x)
+    assert torch.count_nonzero(out) == 0  # and a zero output layer
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -168,7 +176,7 @@ def test_clips_of_one_shape_with_other_causal_structure_equal_each_alone(backend
 def test_rope_rotates_each_pair_by_its_angle_and_scores_depend_on_relative_position():
     import math
 
-    from pyraflow.model import apply_rope, rope_tables
+    from pyraflow.archs.base import apply_rope, rope_tables
 
     g = torch.Generator().manual_seed(0)
     axes, theta = [4, 6, 6], 100.0

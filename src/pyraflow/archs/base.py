@@ -1,0 +1,263 @@
+"""What every architecture shares (pyraflow's MMDiT and the released flux / sd3 transformers): the packed model's
+base class, the per-batch Context, per-run modulation broadcast, RoPE, the timestep embedding and the adaLN helpers,
+each written once.
+
+A model takes one PackedBatch and returns one tensor aligned with its visual tokens; it knows nothing of stages,
+noise or losses: the timestep (one per conditioning run) says which stage a segment is in, and positions place coarse
+tokens among fine ones. For video units, ``prefix_cache`` runs the text and history of a unit once and
+``forward(..., prefix=cache)`` then runs only the predicted tokens at each denoising step (exact under
+temporal-causal attention).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from pyraflow.attention import Attention, PrefixAttention, build_attention, resolve_backend
+from pyraflow.config import ModelConfig
+from pyraflow.packing import Layout, PackedBatch
+from pyraflow.weights import CONFIG, MODEL, read_model_config, read_tensors, save_model, weight_files
+
+TIMESTEP_FEATURES = 256  # sinusoidal features of the timestep before the conditioning MLP
+MAX_BROADCAST_BLOCKS = 8  # above this many blocks of equal-length runs, one gather beats a loop over blocks
+
+class RunBroadcast:
+    """Applies per-run vectors (R, D) to the tokens of each run (N, D).
+
+    Runs are consecutive slices of a stream. Where they come in a few blocks of equal length, each block
+    is viewed as (runs, length, D) and the vectors broadcast over it — no per-token copy. Where runs of
+    many different lengths alternate (text of varied lengths), more than ``max_blocks`` blocks, one gather
+    to (N, D) is cheaper than a Python loop over blocks. Gathers use index_select, whose backward is an
+    index_add (``v[index]``'s backward, index_put with accumulation, is much slower on CPU).
+    """
+
+    def __init__(self, run_lengths: list[int], device: torch.device, max_blocks: int = MAX_BROADCAST_BLOCKS):
+        blocks: list[list[int]] = []  # [token_start, token_end, run_start, run_end, length]
+        token = 0
+        for r, length in enumerate(run_lengths):
+            if blocks and blocks[-1][4] == length:
+                blocks[-1][1] += length
+                blocks[-1][3] += 1
+            else:
+                blocks.append([token, token + length, r, r + 1, length])
+            token += length
+        self.blocks = blocks
+        self.token_sizes = [b[1] - b[0] for b in blocks]
+        self.run_sizes = [b[3] - b[2] for b in blocks]
+        self.index = None
+        if len(blocks) > max_blocks:
+            lengths = torch.tensor(run_lengths, device=device)
+            self.index = torch.repeat_interleave(torch.arange(len(run_lengths), device=device), lengths)
+
+    def apply(self, fn, tokens: tuple[torch.Tensor, ...], per_run: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """fn(*tokens, *per_run) evaluated with per-run vectors broadcast to their tokens."""
+        if self.index is not None:
+            return fn(*tokens, *(v.index_select(0, self.index) for v in per_run))
+        if len(self.blocks) == 1:
+            _, _, r0, r1, length = self.blocks[0]
+            tk = (x.view(r1 - r0, length, x.shape[-1]) for x in tokens)
+            return fn(*tk, *(v.unsqueeze(1) for v in per_run)).flatten(0, 1)
+        # split (not slicing): its backward is one cat instead of a zero-filled copy per piece
+        token_parts = [x.split(self.token_sizes) for x in tokens]
+        run_parts = [v.split(self.run_sizes) for v in per_run]
+        out = []
+        for i, (_, _, r0, r1, length) in enumerate(self.blocks):
+            tk = (parts[i].view(r1 - r0, length, parts[i].shape[-1]) for parts in token_parts)
+            out.append(fn(*tk, *(parts[i].unsqueeze(1) for parts in run_parts)).flatten(0, 1))
+        return torch.cat(out)
+
+LN_EPS = 1e-6  # every LayerNorm here and in the released models: no affine, eps 1e-6
+
+
+def layer_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], eps=LN_EPS)
+
+
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: LN(x) * (1 + scale) + shift."""
+    return layer_norm(x) * (1 + scale) + shift
+
+
+def gated_add(residual: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return residual + gate * y
+
+
+def modulated(runs: RunBroadcast, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """norm_modulate with the per-run (R, D) vectors broadcast over their runs' tokens."""
+    return runs.apply(norm_modulate, (x,), (shift, scale))
+
+
+def gated(runs: RunBroadcast, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + gate * y, the per-run gate broadcast over its runs' tokens."""
+    return runs.apply(gated_add, (x, y), (gate,))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension with the weight in x's dtype: under bf16 autocast the fused kernel refuses
+    (and warns about) a bf16 input with an fp32 weight."""
+    return F.rms_norm(x, x.shape[-1:], weight.to(x.dtype), eps)
+
+
+class Context:
+    """What every block needs about the batch, computed once per batch and reusable across forwards.
+
+    compiled: for compiled blocks, modulation reaches its tokens through one index gather, which the compiler fuses
+    into the kernels that read it."""
+
+    def __init__(self, layout: Layout, attention: Attention | PrefixAttention, rope: torch.Tensor, device,
+                 compiled: bool = False):
+        self.layout = layout
+        self.attention = attention
+        self.rope = rope  # complex rotations: (Nv, 1, head_dim / 2)
+        max_blocks = 0 if compiled else MAX_BROADCAST_BLOCKS
+        self.visual = RunBroadcast(layout.run_lengths, device, max_blocks)
+        self.text = RunBroadcast(layout.text_lengths, device, max_blocks)
+
+
+@dataclass
+class PrefixCache:
+    """Keys and values of the text and history tokens at every block, computed once per video unit.
+
+    Valid because under temporal-causal attention text sees only text and history sees only text and
+    earlier units, and both are conditioned on their own timesteps: nothing in them depends on the unit
+    being denoised.
+    """
+
+    layout: Layout
+    blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]  # (k_text, v_text, k_hist, v_hist)
+
+
+def rope_tables(positions: torch.Tensor, axes: list[int], theta: float) -> torch.Tensor:
+    """Unit complex rotations (N, 1, head_dim/2) for 3-axis RoPE at float positions (N, 3)."""
+    angles = []
+    for axis, dim in enumerate(axes):
+        inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)
+        angles.append(positions[:, axis : axis + 1].float() * inv_freq)
+    angle = torch.cat(angles, dim=-1).unsqueeze(1)
+    return torch.polar(torch.ones_like(angle), angle)
+
+
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of x (N, H, Dh) by the angles of ``rotation`` (N, 1, Dh/2),
+    as one complex product (fewer kernels, forward and backward, than real products and a stack). Inside a compiled
+    block the same rotation is written in real arithmetic, which inductor fuses (it generates no complex kernels)."""
+    if torch.compiler.is_compiling():
+        pairs = x.float().unflatten(-1, (-1, 2))
+        cos, sin = rotation.real, rotation.imag
+        even, odd = pairs[..., 0], pairs[..., 1]
+        return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).type_as(x)
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+
+def timestep_embedding(t: torch.Tensor, dim: int = TIMESTEP_FEATURES, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of timesteps on the 0..1000 axis: (R,) -> (R, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class PackedTransformer(nn.Module):
+    """What every architecture shares: it takes one PackedBatch and returns one tensor aligned with its visual
+    tokens; per batch it prepares the attention (any backend), its RoPE rotations and the modulation layout; it caches
+    a video unit's text and history keys/values; it saves and loads itself. Subclasses define ``rope_for`` (their
+    positions), ``text_step`` (text's causal step) and ``forward``."""
+
+    config: ModelConfig
+    arch = "mmdit"  # the model.arch this class implements
+    text_step = -1  # text sees only text
+    compiled = False  # blocks compiled by pyraflow.compilation.compile_blocks
+    caches_history = True  # text and history do not depend on the predicted latent's timestep, so can be cached
+
+    def rope_for(self, layout: Layout, device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check(self, batch: PackedBatch) -> None:
+        cfg = self.config
+        patch_dim = cfg.in_channels * cfg.patch_size**2
+        if batch.layout.patch_size != cfg.patch_size:
+            raise ValueError(f"batch was packed with patch size {batch.layout.patch_size}, model uses {cfg.patch_size}.")
+        if batch.visual.shape[-1] != patch_dim:
+            raise ValueError(
+                f"visual tokens are {batch.visual.shape[-1]} wide; the model expects {patch_dim} "
+                f"({cfg.in_channels} channels x {cfg.patch_size}x{cfg.patch_size} patches)."
+            )
+        if batch.text.shape[-1] != cfg.text_dim:
+            raise ValueError(f"text tokens are {batch.text.shape[-1]} wide; the model expects {cfg.text_dim}.")
+        if batch.pooled.shape[-1] != cfg.pooled_dim:
+            raise ValueError(f"pooled text is {batch.pooled.shape[-1]} wide; the model expects {cfg.pooled_dim}.")
+
+    def prepare(self, layout: Layout, device: torch.device, dtype: torch.dtype = torch.float32,
+                prefix: PrefixCache | None = None) -> Context:
+        """Attention, RoPE tables and modulation layout for one batch (reusable across forwards)."""
+        cfg = self.config
+        if prefix is not None:
+            attention = PrefixAttention(layout, prefix.layout, device)
+        else:
+            attention = build_attention(layout, resolve_backend(cfg.attention, device, dtype), cfg.temporal_causal, device,
+                                        text_step=self.text_step)
+        return Context(layout, attention, self.rope_for(layout, device), device, self.compiled)
+
+    def _context(self, batch: PackedBatch, context: Context | None, prefix: PrefixCache | None) -> Context:
+        self._check(batch)
+        device = batch.visual.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else batch.visual.dtype
+        ctx = context or self.prepare(batch.layout, device, dtype, prefix)
+        if prefix is not None and not isinstance(ctx.attention, PrefixAttention):
+            raise ValueError("a prefix cache needs a context prepared with it: model.prepare(layout, device, prefix=cache).")
+        return ctx
+
+    def run_blocks(self, blocks, x_text, x_visual, cond_text, cond, ctx: Context, record: list | None):
+        """Both streams through ``blocks``; the first checkpoint_fraction of them recompute their activations in
+        backward."""
+        n_checkpointed = round(self.config.checkpoint_fraction * len(blocks))
+        for i, block in enumerate(blocks):
+            if i < n_checkpointed and torch.is_grad_enabled():
+                x_text, x_visual = checkpoint(block, x_text, x_visual, cond_text, cond, ctx, use_reentrant=False)
+            else:
+                x_text, x_visual = block(x_text, x_visual, cond_text, cond, ctx, record)
+        return x_text, x_visual
+
+    @torch.no_grad()
+    def prefix_cache(self, prefix: PackedBatch) -> PrefixCache:
+        """Run the text and history of a video unit once and keep every block's keys and values."""
+        if not self.config.temporal_causal:
+            raise ValueError("a history cache needs model.temporal_causal: true (history must not see the unit).")
+        if not self.caches_history:
+            raise ValueError(f"model.arch={self.arch!r} conditions its text and history on the current timestep (as the "
+                             "released model was trained), so they change every step: sample without the history cache.")
+        record: list = []
+        self.forward(prefix, record=record)
+        return PrefixCache(prefix.layout, record)
+
+    # ----- persistence -----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, weights: str = MODEL) -> None:
+        """Write a model directory (config.json and the weights), each file published atomically."""
+        save_model(self.config, self.state_dict(), directory, weights)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, weights: str = MODEL, **overrides) -> "PackedTransformer":
+        """Load a model directory (or a pyraflow checkpoint, whose EMA weights are ``ema.safetensors``);
+        ``overrides`` change runtime-only fields (e.g. attention). Every way the files can be wrong (missing, not
+        JSON, unknown fields, unreadable or mismatched weights) is a named error."""
+        directory = Path(directory)
+        config = ModelConfig(**{**read_model_config(directory / CONFIG), **overrides})
+        files = weight_files(directory, weights)
+        if config.arch != cls.arch:
+            raise ValueError(f"{directory} holds a model.arch={config.arch!r} model, not {cls.arch!r}; load it with "
+                             "pyraflow.archs.load_model, which picks the class.")
+        model = cls(config)
+        state = dict(read_tensors(files))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{directory / weights} does not match its config.json: missing {missing[:3]}, unexpected {unexpected[:3]}."
+            )
+        return model

@@ -1,0 +1,103 @@
+"""``pyraflow bench --startup``: each rank's host memory while a sharded (FSDP2) run sets up from a stored model.
+
+A model directory of pyraflow's MMDiT at about 226 M parameters (width 1024, 6 blocks; 0.9 GB in fp32) is written
+with random weights, tensor by tensor; then ``torchrun --nproc_per_node=RANKS`` runs this module as a script: every
+rank sets up a Trainer with ``train.init_from`` = that directory and ``train.parallel=fsdp`` and reports its peak
+resident set (VmHWM) once set up. The same with a tiny model gives what a rank holds besides the model (torch, data,
+text encoder), so the difference is what the model costs a rank: its shard of the weights and of the EMA (half of
+2 x the fp32 model on 2 ranks) when it reads only its own rows, one more whole model when it builds it first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+LARGE = ["model.width=1024", "model.depth=6", "model.num_heads=16"]
+TINY = ["model.width=64", "model.depth=2", "model.num_heads=2"]
+RUN = ["train.parallel=fsdp", "train.steps=1", "batching.token_budget=400", "train.sample_every=0", "data.num_samples=512"]
+
+
+def write_random_model(directory: Path, overrides: list[str]) -> int:
+    """A model directory of random weights for ``overrides``' model, written one tensor at a time; its parameter count."""
+    import torch
+
+    from pyraflow.archs import build_model
+    from pyraflow.config import load_config
+    from pyraflow.weights import write_model_config, write_weights
+
+    config = load_config(None, overrides)
+    with torch.device("meta"):
+        shapes = {name: t.shape for name, t in build_model(config.model).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    write_weights(((name, torch.randn(shape, generator=generator) * 0.02) for name, shape in shapes.items()), directory)
+    write_model_config(directory, config.model)
+    return sum(shape.numel() for shape in shapes.values())
+
+
+def launch(root: Path, ranks: int, overrides: list[str], timeout: int = 1200) -> list[float]:
+    """Peak RSS (MB) of each rank of a torchrun job that sets up a Trainer with ``overrides``."""
+    out = root / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", __file__,
+               str(out), *overrides]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if result.returncode != 0:
+        raise RuntimeError(f"the torchrun job failed ({result.returncode}): {result.stderr[-2000:]}")
+    return json.loads((out / "peak_rss_mb.json").read_text())
+
+
+def startup_memory(ranks: int = 2, directory: str | Path | None = None, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    result = {"ranks": ranks, "run": RUN, "measure": "VmHWM of each rank once its Trainer is set up"}
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        for name, model in tqdm((("tiny", TINY), ("large", LARGE)), desc="bench startup", disable=not progress):
+            root = Path(tmp) / name
+            parameters = write_random_model(root / "model", RUN + model)
+            result[name] = {"model": model, "parameters": parameters, "fp32_model_mb": 4 * parameters / 2**20,
+                            "peak_rss_mb": launch(root, ranks, RUN + model + [f"train.init_from={root / 'model'}"])}
+    large, tiny = result["large"], result["tiny"]
+    result["model_cost_mb"] = [a - b for a, b in zip(large["peak_rss_mb"], tiny["peak_rss_mb"])]
+    result["model_cost_in_fp32_models"] = [c / large["fp32_model_mb"] for c in result["model_cost_mb"]]
+    return result
+
+
+def format_startup(result: dict) -> str:
+    large = result["large"]
+    lines = [f"set-up of a {result['ranks']}-rank FSDP2 run from a {large['parameters'] / 1e6:.0f} M-parameter model "
+             f"({large['fp32_model_mb']:.0f} MB in fp32), peak RSS per rank:"]
+    for rank, (big, small, cost) in enumerate(zip(large["peak_rss_mb"], result["tiny"]["peak_rss_mb"], result["model_cost_mb"])):
+        lines.append(f"  rank {rank}: {big:,.0f} MB ({small:,.0f} MB with a tiny model): the model costs {cost:,.0f} MB "
+                     f"= {cost / large['fp32_model_mb']:.2f} fp32 models")
+    return "\n".join(lines)
+
+
+def _rank_main() -> None:
+    """Under torchrun: set a Trainer up, then rank 0 writes every rank's peak RSS. Imports only what any pyraflow
+    version has, so the same script measures an older checkout (PYTHONPATH) for comparison."""
+    import torch.distributed as dist
+
+    from pyraflow.config import load_config
+    from pyraflow.train import Trainer
+    from pyraflow.train.parallelize import process_group
+
+    out, overrides = Path(sys.argv[1]), sys.argv[2:]
+    config = load_config(None, overrides)
+    with process_group() as info:
+        trainer = Trainer(config, out, progress=False, info=info)
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+        gathered = [None] * info.world_size
+        dist.all_gather_object(gathered, peak)
+        trainer.close()
+        if info.is_main:
+            (out / "peak_rss_mb.json").write_text(json.dumps(gathered))
+
+
+if __name__ == "__main__":
+    _rank_main()
