@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "and 50,000 synthetic samples (~4 GB of temporary files, a few minutes)")
     bench.add_argument("--startup", action="store_true",
                        help="only the start-up benchmark: peak host memory per rank while a 2-rank FSDP2 run sets up from a "
-                            "226 M-parameter model directory (~1 GB of temporary files, a few minutes)")
+                            "218 M-parameter model directory (~1 GB of temporary files, a few minutes)")
     bench.add_argument("--full", action="store_true",
                        help="also the quality study: train the MNIST demo with 4 stage mixes for equal time, evaluate each")
     bench.add_argument("--minutes", type=float, default=10.0, help="training minutes per variant for --full (default 10)")

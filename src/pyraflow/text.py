@@ -156,11 +156,41 @@ class PreparedText:
         return null
 
 
-_LOADED: dict[tuple[str, int, str], TextEncoder] = {}
+class ReleasedText:
+    """text.encoder=pyramid-flow: the released folder's CLIP and T5 encoders (pyraflow.interop.text); a caption's
+    token states are its valid T5 states (at most text.max_tokens), its pooled vector the CLIP one(s)."""
+
+    def __init__(self, config: TextConfig, device: torch.device | str = "cpu"):
+        from pyraflow.interop.text import load_text_encoder as load_released
+
+        self.config = config
+        self.encoder = load_released(config.path, device=device)
+        clips = [model.config for _, model in self.encoder.clips]
+        self.width = self.encoder.t5[1].config.d_model
+        self.pooled_width = clips[0].hidden_size if self.encoder.arch == "flux" else sum(c.projection_dim for c in clips)
+        self.identity = f"pyramid-flow:{self.encoder.arch}:{Path(config.path).name}:{self.width}:{config.max_tokens}"
+
+    def encode(self, captions: list[str], batch_size: int = 64) -> TextEmbedding:
+        tokens, lengths, pooled = [], [], []
+        for start in range(0, len(captions), batch_size):
+            embeds, mask, vector = self.encoder.encode(captions[start : start + batch_size])
+            length = mask.sum(1).clamp(max=self.config.max_tokens)
+            states = embeds[:, : self.config.max_tokens].float()
+            valid = torch.arange(states.shape[1], device=states.device)[None] < length[:, None]
+            tokens.append((states * valid[..., None]).cpu())
+            lengths.append(length.cpu())
+            pooled.append(vector.float().cpu())
+        return TextEmbedding(torch.cat(tokens), torch.cat(lengths), torch.cat(pooled))
+
+    def null(self) -> TextEmbedding:
+        return self.encode([""])
+
+
+_LOADED: dict[tuple, TextEncoder | ReleasedText] = {}
 
 
 def load_text_encoder(config: TextConfig, device: torch.device | str = "cpu",
-                      widths: tuple[int, int] | None = None) -> TextEncoder | PreparedText:
+                      widths: tuple[int, int] | None = None) -> TextEncoder | ReleasedText | PreparedText:
     """A TextEncoder, loaded once per process for each (encoder, max_tokens, device): it is frozen, so
     training, sampling and evaluation in one process can share it. text.encoder=prepared: a PreparedText of
     ``widths`` (model.text_dim, model.pooled_dim)."""
@@ -168,9 +198,9 @@ def load_text_encoder(config: TextConfig, device: torch.device | str = "cpu",
         if widths is None:
             raise ValueError("text.encoder=prepared needs the model's text widths (model.text_dim, model.pooled_dim).")
         return PreparedText(config, *widths)
-    key = (config.encoder, config.max_tokens, str(device))
+    key = (config.encoder, config.path, config.max_tokens, str(device))
     if key not in _LOADED:
-        _LOADED[key] = TextEncoder(config, device)
+        _LOADED[key] = ReleasedText(config, device) if config.encoder == "pyramid-flow" else TextEncoder(config, device)
     return _LOADED[key]
 
 

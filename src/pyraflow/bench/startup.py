@@ -1,6 +1,6 @@
 """``pyraflow bench --startup``: each rank's host memory while a sharded (FSDP2) run sets up from a stored model.
 
-A model directory of pyraflow's MMDiT at about 226 M parameters (width 1024, 6 blocks; 0.9 GB in fp32) is written
+A model directory of pyraflow's MMDiT at about 218 M parameters (width 1024, 6 blocks; 833 MB in fp32) is written
 with random weights, tensor by tensor; then ``torchrun --nproc_per_node=RANKS`` runs this module as a script: every
 rank sets up a Trainer with ``train.init_from`` = that directory and ``train.parallel=fsdp`` and reports its peak
 resident set (VmHWM) once set up. The same with a tiny model gives what a rank holds besides the model (torch, data,

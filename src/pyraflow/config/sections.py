@@ -222,8 +222,12 @@ class DataConfig:
 @dataclass
 class TextConfig:
     encoder: str = "minilm"
-    """``minilm`` (bundled, offline), a local directory holding a Hugging Face text encoder, or ``prepared``: text
-    features extracted elsewhere (data.dataset=pyramid-flow), widths model.text_dim / model.pooled_dim."""
+    """``minilm`` (bundled, offline), a local directory holding a Hugging Face text encoder, ``pyramid-flow``: the
+    released models' encoders (CLIP + T5, read from ``path``), or ``prepared``: text features extracted elsewhere
+    (data.dataset=pyramid-flow), widths model.text_dim / model.pooled_dim."""
+    path: str | None = None
+    """encoder=pyramid-flow: the released folder (pyramid-flow-miniflux or -sd3) whose tokenizer*/text_encoder*
+    subfolders hold the encoders."""
     null_features: str | None = None
     """encoder=prepared: the features of the empty caption (a .pt of the reference's text_fea layout), used for
     caption dropout; None: one zero token and a zero pooled vector."""
@@ -232,6 +236,9 @@ class TextConfig:
 
     def __post_init__(self) -> None:
         check_integer("text.max_tokens", self.max_tokens, 2)
+        if self.encoder == "pyramid-flow" and not self.path:
+            raise ValueError("text.encoder=pyramid-flow reads the released encoders from text.path; set it to the "
+                             "released folder (e.g. text.path=/models/pyramid-flow-miniflux).")
 
 
 @dataclass

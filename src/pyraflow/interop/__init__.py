@@ -1,5 +1,7 @@
-"""The released Pyramid Flow transformers as pyraflow sees them: their diffusers ``config.json`` mapped to a
-ModelConfig and back, and their calling convention (``forward``'s arguments) computed by pyraflow's packed path.
+"""The released Pyramid Flow models as pyraflow sees them: the transformers' diffusers ``config.json`` mapped to a
+ModelConfig and back, and their calling convention (``forward``'s arguments) computed by pyraflow's packed path; the
+text encoders and the causal video VAE of a released folder in ``pyraflow.interop.text`` (``load_text_encoder``) and
+``pyraflow.interop.vae`` (``load_vae``).
 
 The reference's modules already carry diffusers' names, and pyraflow's flux / mmdit-sd3 architectures use the same
 ones, so the weights need no renaming (pyraflow.convert streams them; pyraflow.archs.load_model reads a released
@@ -15,8 +17,13 @@ from pathlib import Path
 import torch
 
 from pyraflow.config import ModelConfig
+from pyraflow.interop.text import load_text_encoder
+from pyraflow.interop.vae import load_vae
 from pyraflow.packing import HistoryPart, Sample, pack, unpack
 from pyraflow.weights import CONFIG
+
+__all__ = ["ARCH_CLASS", "CLASS_ARCH", "LOAD_KWARGS", "is_reference_folder", "load_text_encoder", "load_vae",
+           "model_config_from_reference", "reference_config", "reference_forward", "reference_samples"]
 
 CLASS_ARCH = {"PyramidFluxTransformer": "flux", "PyramidDiffusionMMDiT": "mmdit-sd3"}
 ARCH_CLASS = {arch: name for name, arch in CLASS_ARCH.items()}
