@@ -149,5 +149,5 @@ def one_rank_fsdp_bf16_run(tmp_path, steps: int = 20):
     assert rows[-1]["step"] == steps and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert json.loads((run / "summary.json").read_text())["precision"] == "bf16"
-    assert (run / "checkpoints" / f"step-{steps}" / "optimizer.pt").is_file()
+    assert (run / "checkpoints" / f"step-{steps}" / "optimizer.safetensors").is_file()
     return result

@@ -47,3 +47,28 @@ def test_bad_latent_configs(tmp_path):
         LatentConfig(kind="vae")
     with pytest.raises(ValueError, match="no config.json"):
         LatentConfig(kind="vae", path=str(tmp_path)).resolved_channels(3)
+
+
+def test_the_released_causal_vae_as_a_latent_space():
+    """latent.kind=pyramid-flow-vae: the tiny released VAE's posterior means, normalised as the flux pipeline does
+    (interop.vae.normalise, checked bit for bit against the reference there); frames through its 8x time."""
+    from pathlib import Path
+
+    from pyraflow.interop.vae import FIRST_FRAME, LATER_FRAMES, load_vae, normalise
+
+    folder = Path(__file__).parent / "fixtures" / "pyramid-flow-pipeline" / "released" / "pyramid-flow-miniflux-tiny"
+    (shift, scale), (video_shift, video_scale) = FIRST_FRAME["flux"], LATER_FRAMES
+    config = LatentConfig(kind="pyramid-flow-vae", path=str(folder / "causal_video_vae"), scale=scale, shift=shift,
+                          video_scale=video_scale, video_shift=video_shift)
+    assert config.resolved_channels(3) == 16 and config.resolved_downsample() == 8
+    space = build_latent_space(config)
+    video = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    latent = space.encode(video)
+    assert latent.shape == (1, 16, 2, 4, 4)
+    mean, _ = load_vae(folder).encode(video)
+    assert torch.equal(latent, normalise(mean, "flux"))
+    assert space.decode(latent).shape == video.shape
+    with pytest.raises(ValueError, match="needs latent.path"):
+        LatentConfig(kind="pyramid-flow-vae")
+    with pytest.raises(ValueError, match="needs latent.scale, shift, video_scale and video_shift"):
+        LatentConfig(kind="pyramid-flow-vae", path=str(folder / "causal_video_vae"))

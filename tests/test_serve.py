@@ -140,3 +140,19 @@ def test_a_video_run_serves_a_gif_and_refuses_frames_it_cannot_make(tmp_path):
     assert progress == list(range(1, 3 * 3 + 1))  # 3 units (first frame + 2 units of 2) x 3 stages
     with pytest.raises(ValueError, match="this run makes 1 to 5 frames"):
         generator.check("a cartoon rabbit", 1, 1, 2.0, 0, 9, None)
+
+
+def test_a_released_folder_is_served(tmp_path):
+    """The tiny released miniflux folder's page comes up and its generator makes a picture."""
+    from pathlib import Path
+
+    from pyraflow.serve import serve
+
+    folder = Path(__file__).parent / "fixtures" / "pyramid-flow-pipeline" / "released" / "pyramid-flow-miniflux-tiny"
+    port = free_port()
+    page = serve(folder, port=port, device="cpu", block=False)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
+            assert response.status == 200 and b"pyramid-flow-miniflux-tiny" in response.read()
+    finally:
+        page.close()

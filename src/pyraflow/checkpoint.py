@@ -3,7 +3,8 @@
   RUN/checkpoints/step-N/   config.json + model.safetensors (a model directory: pyraflow.weights, archs.load_model),
                             ema.safetensors, null_text.safetensors, run.yaml (the full config),
                             trainer.pt (LR schedule, batcher position, stage mix, counters, precision),
-                            optimizer.pt (the full AdamW state; under FSDP read by rank 0 alone)
+                            optimizer.safetensors (the AdamW state, "<parameter>.<key>"; each rank of a sharded run
+                            reads only its rows), its parameter groups in trainer.pt
   RUN/checkpoints/latest -> step-N   a symlink, replaced atomically
 
 A checkpoint is assembled in a temporary directory and renamed into place (pyraflow.storage); ``latest`` is
@@ -19,9 +20,11 @@ from pathlib import Path
 import torch
 
 from pyraflow.storage import atomic_path, remove_partials
-from pyraflow.weights import CONFIG, EMA, MODEL, NULL_TEXT
+from pyraflow.weights import CONFIG, EMA, MODEL, NULL_TEXT, OPTIMIZER
 
-REQUIRED = (CONFIG, MODEL, EMA, NULL_TEXT, "run.yaml", "trainer.pt", "optimizer.pt")
+LEGACY_OPTIMIZER = "optimizer.pt"  # the whole AdamW state in one pickle, as pyraflow wrote it before 2026-12-02
+RESUMES = (CONFIG, MODEL, EMA, NULL_TEXT, "run.yaml", "trainer.pt")  # and one of the two optimizer files
+REQUIRED = RESUMES + (OPTIMIZER,)  # what a checkpoint is written with
 SAMPLING = (CONFIG, EMA, NULL_TEXT, "run.yaml")  # what sampling needs
 
 
@@ -44,7 +47,7 @@ def write_checkpoint(run_dir: Path, step: int, writer, keep: int) -> Path:
     return final
 
 
-def resolve_checkpoint(path: str | Path, needs: tuple[str, ...] = REQUIRED) -> Path:
+def resolve_checkpoint(path: str | Path, needs: tuple[str, ...] = RESUMES) -> Path:
     """A run directory (its latest checkpoint) or a checkpoint directory -> a checkpoint directory holding ``needs``
     (everything a resume reads by default; SAMPLING for sampling)."""
     path = Path(path)

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", metavar="DIR", help="cache directory (default: data.cache)")
 
     sample = commands.add_parser("sample", help="pyramidal sampling from a trained run (EMA weights)")
-    sample.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory or checkpoints/step-N")
+    sample.add_argument("--checkpoint", required=True, metavar="RUN",
+                        help="run directory, checkpoints/step-N, or a released Pyramid Flow folder")
     sample.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="caption (repeatable: one row each)")
     sample.add_argument("--num", type=_positive_int, help="samples per prompt (default 8 images, 1 video)")
     sample.add_argument("--steps", type=_positive_int, help="Euler steps per stage (default: the run's sample.steps)")
@@ -83,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", required=True, metavar="FILE",
                         help="FILE.png: an image grid; FILE.gif or FILE.mp4: videos (plus a contact sheet FILE.png)")
-    sample.add_argument("--frames", type=_positive_int, help="video length (default: the run's clip length)")
+    sample.add_argument("--frames", type=_positive_int, help="video length (default: the run's clip length; for a "
+                        "released folder latent frames, each after the first 8 video frames: 16 = 5 s)")
+    sample.add_argument("--transformer", metavar="RUN",
+                        help="with a released folder as --checkpoint: a fine-tune of its transformer (a run, checkpoint "
+                        "or model directory) to sample with the folder's encoders and VAE")
     sample.add_argument("--image", metavar="FILE", help="first frame to start the videos from (image-to-video)")
     sample.add_argument("--allow-longer", action="store_true",
                         help="allow --frames beyond the training clip length (history limited to the trained units)")
@@ -124,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--shard-gb", type=float, default=10.0, help="--to: largest shard in GB (default 10)")
 
     serve = commands.add_parser("serve", help="a page in the browser to sample from a run (Gradio)")
-    serve.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory or checkpoints/step-N")
+    serve.add_argument("--checkpoint", required=True, metavar="RUN",
+                       help="run directory, checkpoints/step-N, or a released Pyramid Flow folder")
+    serve.add_argument("--transformer", metavar="RUN", help="with a released folder: a fine-tune of its transformer")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     serve.add_argument("--port", type=_positive_int, default=7860, help="port (default 7860)")
@@ -198,13 +205,18 @@ def _convert(args) -> int:
     return 0
 
 
-def _train(args) -> int:
+def _logged_config(args, level: str):
+    """The command's config (--config and --set), with pyraflow's log lines shown from ``level`` up."""
     import logging
 
+    logging.basicConfig(level=level, format="%(message)s")
+    return load_config(args.config, args.overrides)
+
+
+def _train(args) -> int:
     from pyraflow.train import TrainingStopped, run_training
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = load_config(args.config, args.overrides)
+    config = _logged_config(args, "INFO")
     try:
         summary = run_training(config, args.out, resume=args.resume, max_steps=args.max_steps, progress=not args.quiet)
     except TrainingStopped as err:
@@ -218,14 +230,11 @@ def _train(args) -> int:
 
 
 def _prepare(args) -> int:
-    import logging
-
     from pyraflow.data import prepare
     from pyraflow.latents import build_latent_space
     from pyraflow.text import load_text_encoder
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    config = load_config(args.config, args.overrides)
+    config = _logged_config(args, "WARNING")
     out = args.out or config.data.cache
     if not out:
         raise ValueError("give --out DIR (or set data.cache) for the cache directory.")
@@ -251,7 +260,8 @@ def _sample(args) -> int:
         raise ValueError(f"--out {out} must end in .gif or .mp4 when --frames or --image is given.")
     if not wants_video and out.suffix.lower() not in VIDEO_SUFFIXES + (".png", ".jpg", ".jpeg"):
         raise ValueError(f"--out {out} must end in .png (an image grid), .gif or .mp4 (videos).")
-    pipeline = load_pipeline(args.checkpoint, _device(args.device))
+    pipeline = load_pipeline(args.checkpoint, _device(args.device), video=out.suffix.lower() in VIDEO_SUFFIXES,
+                             transformer=args.transformer)
     steps = [args.steps] * pipeline.schedule.num_stages if args.steps else None
     size = None
     if args.height or args.width:
@@ -263,7 +273,7 @@ def _sample(args) -> int:
 
         num = args.num or 1
         image = read_image(args.image, pipeline.config.data.channels) if args.image else None
-        frames = args.frames or pipeline.max_frames()
+        frames = args.frames or pipeline.default_frames()
         prompts = [p for p in args.prompt for _ in range(num)]
         pixels, timings = pipeline.video(prompts, frames, args.seed, image, steps, args.guidance, args.allow_longer,
                                          use_cache=False if args.no_cache else None, size=size)
@@ -306,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             from pyraflow.serve import serve
 
             print(f"pyraflow serve: loading {args.checkpoint} ...", flush=True)
-            serve(args.checkpoint, args.host, args.port, _device(args.device))
+            serve(args.checkpoint, args.host, args.port, _device(args.device), transformer=args.transformer)
         elif args.command == "eval":
             from pyraflow.evaluation import evaluate
 

@@ -1,4 +1,5 @@
-"""Latent spaces: pixels (identity with scale and shift) or a diffusers AutoencoderKL from a local path.
+"""Latent spaces: pixels (identity with scale and shift), a diffusers AutoencoderKL from a local path, or Pyramid
+Flow's causal video VAE.
 
 Images and videos are (B, C, T, H, W) in [-1, 1]; videos go through a 2D VAE frame by frame.
 Latents are normalised as (z - shift) * scale so they have roughly unit variance, like SD3/Flux.
@@ -75,10 +76,13 @@ class PreparedLatents:
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw VAE latents (C, T, H, W) -> the model's latents: (z - shift) * scale, a clip's later frames with the
         video factors (as the reference normalises the output of its causal VAE)."""
-        out = torch.empty_like(raw, dtype=torch.float32)
-        out[:, :1] = (raw[:, :1].float() - self.shift) * self.scale
-        out[:, 1:] = (raw[:, 1:].float() - self.video_shift) * self.video_scale
-        return out
+        from pyraflow.interop.vae import normalise_with
+
+        return normalise_with(raw[None].float(), *self.factors())[0]
+
+    def factors(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """((shift, scale) of a clip's first frame, (shift, scale) of its later frames)."""
+        return (self.shift, self.scale), (self.video_shift, self.video_scale)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         raise ValueError("latent.path is not set, so images cannot be encoded; point latent.path at the AutoencoderKL.")
@@ -88,7 +92,42 @@ class PreparedLatents:
                          "AutoencoderKL the latents were made with.")
 
 
+class ReleasedVAESpace(PreparedLatents):
+    """latent.kind=pyramid-flow-vae: Pyramid Flow's causal video VAE (a released folder's causal_video_vae/), which
+    turns 1 + 8k frames into 1 + k latent frames; latents are the posterior means, normalised as the reference does
+    (the first frame and the later ones apart). Decoding runs two latent frames at a time, as the reference's
+    pipeline does."""
+
+    can_decode = True
+    DECODE_WINDOW = 2
+    TILE = 512  # pixels: larger frames are decoded in blended tiles (the reference's tile_sample_min_size)
+
+    def __init__(self, config: LatentConfig, device: torch.device | str = "cpu"):
+        from pyraflow.interop.vae import load_vae
+
+        super().__init__(config)
+        self.vae = load_vae(config.path, device)
+        self.device = torch.device(device)
+        self.identity = f"pyramid-flow-vae:{Path(config.path).resolve()}:{self.factors()}"
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        from pyraflow.interop.vae import normalise_with
+
+        mean, _ = self.vae.encode(pixels.to(self.device), tile=self.TILE)
+        return normalise_with(mean, *self.factors()).cpu()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        from pyraflow.interop.vae import denormalise_with
+
+        raw = denormalise_with(latents.to(self.device), *self.factors())
+        return self.vae.decode(raw, window=self.DECODE_WINDOW, tile=self.TILE).cpu()
+
+
 def build_latent_space(config: LatentConfig, device: torch.device | str = "cpu") -> PixelSpace | VAESpace | PreparedLatents:
     if config.kind == "pixel":
         return PixelSpace(config)
+    if config.kind == "pyramid-flow-vae":
+        return ReleasedVAESpace(config, device)
     return VAESpace(config, device) if config.path is not None else PreparedLatents(config)

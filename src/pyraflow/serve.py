@@ -127,7 +127,7 @@ def build_page(generator: Generator, run_dir: Path, title: str):
                     guidance = gr.Slider(0, 20, value=sc.guidance, step=0.5, label="Guidance", elem_id="guidance")
                     seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
                     if generator.is_video:
-                        frames = gr.Slider(1, pipeline.max_frames(), value=pipeline.max_frames(), step=1,
+                        frames = gr.Slider(1, pipeline.max_frames(), value=pipeline.default_frames(), step=1,
                                            label="Frames", elem_id="frames")
                     else:
                         frames = gr.Number(value=1, visible=False)
@@ -175,15 +175,22 @@ def to_yaml_text(config) -> str:
     return to_yaml(config)
 
 
-def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 7860, device=None, block: bool = True):
-    """Load the run once and serve its page (blocks until interrupted unless ``block`` is False)."""
+def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 7860, device=None, block: bool = True,
+          transformer: str | Path | None = None):
+    """Load the run (or a released Pyramid Flow folder, with ``transformer`` in place of its own where given) once
+    and serve its page (blocks until interrupted unless ``block`` is False)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # never reach for the network
     from pyraflow.checkpoint import SAMPLING, resolve_checkpoint
     from pyraflow.sample import load_pipeline
+    from pyraflow.sample.released import is_released_root
 
-    path = resolve_checkpoint(checkpoint, SAMPLING)
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
-    pipeline = load_pipeline(path, device)
+    if is_released_root(checkpoint):
+        path = run_dir = Path(checkpoint)
+        pipeline = load_pipeline(path, device, transformer=transformer)
+    else:
+        path = resolve_checkpoint(checkpoint, SAMPLING)
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
+        pipeline = load_pipeline(path, device, transformer=transformer)
     out_dir = Path(tempfile.mkdtemp(prefix="pyraflow-serve-"))
     page = build_page(Generator(pipeline, out_dir), run_dir, f"{run_dir.name} ({path.name})")
     page.queue(default_concurrency_limit=1, max_size=64)

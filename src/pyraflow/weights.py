@@ -28,6 +28,7 @@ CONFIG = "config.json"
 MODEL = "model.safetensors"  # a model directory's weights, a checkpoint's trained weights
 EMA = "ema.safetensors"  # a checkpoint's EMA weights
 NULL_TEXT = "null_text.safetensors"  # a checkpoint's learned empty-prompt features
+OPTIMIZER = "optimizer.safetensors"  # a checkpoint's AdamW state, "<parameter>.<key>", read by rows on resume
 DIGIT_CLASSIFIER = "digit_classifier.safetensors"  # the MNIST eval's classifier, trained once per run
 REFERENCE = "diffusion_pytorch_model.safetensors"  # a released Pyramid Flow transformer's weights
 INDEX_SUFFIX = ".index.json"  # model.safetensors.index.json lists the shards of model.safetensors
@@ -200,6 +201,10 @@ class StoredTensors:
 
     def names(self) -> set[str]:
         return set(self._where)
+
+    def shape(self, name: str) -> list[int]:
+        """The stored shape of ``name``, read from the header alone."""
+        return self._handles[self._where[name]].get_slice(name).get_shape()
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """Tensor ``name``, or its rows ``rows`` (first dimension)."""

@@ -38,7 +38,7 @@ def test_a_tiny_run_writes_every_artefact_and_samples(tmp_path, capsys):
     assert (checkpoints / "latest").resolve().name == "step-4"
     assert {p.name for p in (checkpoints / "step-4").iterdir()} == {
         "config.json", "model.safetensors", "ema.safetensors", "null_text.safetensors", "run.yaml", "trainer.pt",
-        "optimizer.pt"}
+        "optimizer.safetensors"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all("loss_stage" in " ".join(r) and r["tokens"] <= 400 for r in rows)
@@ -203,6 +203,33 @@ def test_clear_errors(tmp_path, capsys):
     assert "missing null_text.safetensors" in error(["sample", "--checkpoint", str(out), "--prompt", "x", "--out", "x.png"])
 
 
+def test_a_checkpoint_with_the_older_optimizer_pickle_resumes_exactly(tmp_path):
+    """Checkpoints written before optimizer.safetensors hold AdamW's state as one optimizer.pt (torch's full state
+    dict, keyed by parameter name): a run continues from them as from its own checkpoints."""
+    settings = ("train.steps=4", "train.checkpoint_every=2", "train.sample_every=0", "train.threads=1")
+    run_training(tiny(*settings), tmp_path / "full", progress=False)
+    old = tmp_path / "old"
+    run_training(tiny(*settings), old, max_steps=2, progress=False)
+    latest = old / "checkpoints" / "latest"
+    stored, trainer_state = load_file(latest / "optimizer.safetensors"), torch.load(latest / "trainer.pt", weights_only=False)
+    groups = trainer_state.pop("optimizer_groups")
+    state: dict = {}
+    for key, value in stored.items():
+        name, _, entry = key.rpartition(".")
+        state.setdefault(name, {})[entry] = value
+    torch.save({"state": state, "param_groups": groups}, latest / "optimizer.pt")
+    torch.save(trainer_state, latest / "trainer.pt")
+    (latest / "optimizer.safetensors").unlink()
+    run_training(tiny(*settings), old, resume=True, progress=False)
+    for name in ("model", "ema"):
+        a, b = _weights(tmp_path / "full", name), _weights(old, name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+    (old / "checkpoints" / "latest" / "optimizer.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has no optimizer.safetensors"):
+        run_training(tiny("train.steps=6", *settings[1:]), old, resume=True, progress=False)
+
+
 def test_non_finite_steps_are_skipped_then_the_run_stops_with_its_state_saved(tmp_path):
     out = tmp_path / "run"
     config = tiny("train.steps=50", "train.lr=1.0e+38", "train.warmup_steps=0", "train.grad_clip=0",
@@ -216,8 +243,8 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_its_state_saved(tm
     state = torch.load(out / "checkpoints" / "latest" / "trainer.pt", weights_only=False)
     assert state["bad_steps"] == last["bad_steps"] and state["step"] == last["step"]
     # skipped steps were not taken: AdamW counted only the finite ones
-    optimizer = torch.load(out / "checkpoints" / "latest" / "optimizer.pt", weights_only=False)
-    counts = {float(s["step"]) for s in optimizer["state"].values()}
+    optimizer = load_file(out / "checkpoints" / "latest" / "optimizer.safetensors")
+    counts = {float(value) for key, value in optimizer.items() if key.endswith(".step")}
     assert counts == {last["step"] - last["bad_steps"]}
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from pyraflow.attention import Attention, PrefixAttention, build_attention, resolve_backend
 from pyraflow.config import ModelConfig
@@ -215,14 +214,10 @@ class PackedTransformer(nn.Module):
         return ctx
 
     def run_blocks(self, blocks, x_text, x_visual, cond_text, cond, ctx: Context, record: list | None):
-        """Both streams through ``blocks``; the first checkpoint_fraction of them recompute their activations in
-        backward."""
-        n_checkpointed = round(self.config.checkpoint_fraction * len(blocks))
-        for i, block in enumerate(blocks):
-            if i < n_checkpointed and torch.is_grad_enabled():
-                x_text, x_visual = checkpoint(block, x_text, x_visual, cond_text, cond, ctx, use_reentrant=False)
-            else:
-                x_text, x_visual = block(x_text, x_visual, cond_text, cond, ctx, record)
+        """Both streams through ``blocks`` (activation checkpointing, where a run asks for it, is applied to the
+        blocks by pyraflow.train.parallelize)."""
+        for block in blocks:
+            x_text, x_visual = block(x_text, x_visual, cond_text, cond, ctx, record)
         return x_text, x_visual
 
     @torch.no_grad()

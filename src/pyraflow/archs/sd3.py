@@ -74,6 +74,8 @@ class PatchEmbedding(nn.Module):
 
 
 class PyramidSD3(ReferenceTransformer):
+    # Built in the same shape as PyramidFlux (embedders, a block list, the output head) but from other modules: each
+    # class mirrors its reference class's attribute names, which are its weights' names, so they stay apart.
     arch = "mmdit-sd3"
 
     def __init__(self, config: ModelConfig):

@@ -2,7 +2,8 @@
 
 Plain Python only (no torch, no numpy), so reading, checking and printing a configuration is cheap and
 every module can import its section from here without an import cycle. A field's docstring gives its
-unit and what it does; an invalid value raises ValueError naming the key and the fix.
+unit and what it does; an invalid value raises ValueError naming the key and the fix. (Runs of field
+declarations in one section have the shape of runs in another; they are declarations, not repeated logic.)
 """
 
 from __future__ import annotations
@@ -244,9 +245,11 @@ class TextConfig:
 @dataclass
 class LatentConfig:
     kind: str = "pixel"
-    """``pixel`` (train on pixels) or ``vae`` (a diffusers AutoencoderKL in ``path``)."""
+    """``pixel`` (train on pixels), ``vae`` (a diffusers AutoencoderKL in ``path``) or ``pyramid-flow-vae``
+    (Pyramid Flow's causal video VAE in ``path``, a released folder's causal_video_vae/: 1 + 8k frames -> 1 + k
+    latent frames; a run's frame counts are then latent frames)."""
     path: str | None = None
-    """Local directory of the AutoencoderKL (config.json + weights) for kind=vae."""
+    """Local directory of the VAE (config.json + weights) for kind=vae or pyramid-flow-vae."""
     scale: float | None = None
     """Latent scale; None: 1 for pixels, the VAE config's scaling_factor for vae."""
     shift: float | None = None
@@ -261,7 +264,15 @@ class LatentConfig:
     """Shift of a clip's frames after the first; None: shift."""
 
     def __post_init__(self) -> None:
-        check_choice("latent.kind", self.kind, ("pixel", "vae"))
+        check_choice("latent.kind", self.kind, ("pixel", "vae", "pyramid-flow-vae"))
+        if self.kind == "pyramid-flow-vae" and self.path is None:
+            raise ValueError("latent.kind=pyramid-flow-vae needs latent.path: a released folder's causal_video_vae/ "
+                             "directory (or latent.kind=vae without a path for latents prepared elsewhere).")
+        factors = (self.scale, self.shift, self.video_scale, self.video_shift)
+        if self.kind == "pyramid-flow-vae" and None in factors:
+            raise ValueError("latent.kind=pyramid-flow-vae needs latent.scale, shift, video_scale and video_shift (the "
+                             "pipelines' own: flux 1/1.8726, -0.04; sd3 1/1.8415, 0.149; both 1/3.0986, -0.2343 for "
+                             "later frames; the fine-tune presets carry them).")
         if self.kind == "vae" and self.path is None and (self.channels is None or self.downsample is None):
             raise ValueError(
                 "latent.kind=vae needs latent.path (a local AutoencoderKL directory), or latent.channels and "
@@ -276,7 +287,8 @@ class LatentConfig:
 
         path = Path(self.path) / "config.json"
         if not path.is_file():
-            raise ValueError(f"latent.path={self.path!r} has no config.json; point it at a diffusers AutoencoderKL directory.")
+            raise ValueError(f"latent.path={self.path!r} has no config.json; point it at a diffusers AutoencoderKL directory "
+                             "(latent.kind=vae) or a released folder's causal_video_vae/ (latent.kind=pyramid-flow-vae).")
         return json.loads(path.read_text())
 
     def resolved_channels(self, image_channels: int) -> int:
@@ -284,14 +296,18 @@ class LatentConfig:
             return self.channels
         if self.kind == "pixel":
             return image_channels
-        return int(self.vae_config()["latent_channels"])
+        hf = self.vae_config()
+        return int(hf["encoder_out_channels"] if self.kind == "pyramid-flow-vae" else hf["latent_channels"])
 
     def resolved_downsample(self) -> int:
         if self.downsample is not None:
             return self.downsample
         if self.kind == "pixel":
             return 1
-        return 2 ** (len(self.vae_config()["block_out_channels"]) - 1)
+        hf = self.vae_config()
+        if self.kind == "pyramid-flow-vae":
+            return int(hf["downsample_scale"])
+        return 2 ** (len(hf["block_out_channels"]) - 1)
 
 
 # ----- model ------------------------------------------------------------------------------------------
@@ -323,7 +339,8 @@ class ModelConfig:
     temporal_causal: bool = False
     """Visual tokens see only their own and earlier frames (and the text); text sees only text."""
     checkpoint_fraction: float = 0.0
-    """Fraction of blocks (the first ones) whose activations are recomputed in backward to save memory."""
+    """Training: fraction of blocks (the first ones) whose activations are recomputed in backward to save memory
+    (applied by pyraflow.train.parallelize)."""
     single_depth: int = 0
     """flux: single-stream blocks after the ``depth`` double-stream ones."""
     sample_size: int = 128
@@ -631,6 +648,8 @@ class SampleConfig:
     """Euler steps per stage: one number for every stage, or one per stage."""
     guidance: float = 3.0
     """Classifier-free guidance scale (1 = no guidance)."""
+    video_guidance: float | None = None
+    """Guidance of a video's units after the first frame (the reference's video_guidance_scale); None: guidance."""
     solver: str = "euler"
     """ODE step inside each stage: ``euler`` (one model call per step) or ``heun`` (two; second order)."""
     prompts: list[str] = field(default_factory=list)
@@ -638,6 +657,11 @@ class SampleConfig:
     per_prompt: int = 8
     """Images per prompt in those grids."""
     seed: int = 0
+    prompt_suffix: str = ""
+    """Appended to every prompt before it is encoded (the released Pyramid Flow pipeline adds ", hyper quality,
+    Ultra HD, 8K")."""
+    negative_prompt: str | None = None
+    """The caption of guidance's unconditional branch; None: the empty caption the run trained its dropout with."""
     compile: str | bool = "auto"
     """Compile each transformer block for sampling (as train.compile; ``pyraflow sample`` and the grids written
     during training)."""
@@ -647,8 +671,10 @@ class SampleConfig:
         steps = [self.steps] if isinstance(self.steps, int) else list(self.steps)
         if not steps or any(not isinstance(s, int) or s < 1 for s in steps):
             raise ValueError(f"sample.steps={self.steps!r} must be a positive integer or a list of them (one per stage).")
-        if self.guidance < 0:
-            raise ValueError(f"sample.guidance={self.guidance} must be >= 0.")
+        for name in ("guidance", "video_guidance"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"sample.{name}={value} must be >= 0.")
         check_choice("sample.solver", self.solver, ("euler", "heun"))
         check_integer("sample.per_prompt", self.per_prompt)
 

@@ -32,15 +32,23 @@ LATER_FRAMES = (-0.2343, 1 / 3.0986)
 def normalise(latent: torch.Tensor, arch: str) -> torch.Tensor:
     """VAE latents (B, 16, T', h, w) -> the model's: (z - shift) * scale, frame 0 with ``arch``'s factors, later
     frames with the video ones (a new tensor; the reference's fp32 arithmetic, bit for bit)."""
-    (shift, scale), (video_shift, video_scale) = FIRST_FRAME[arch], LATER_FRAMES
-    return torch.cat([(latent[:, :, :1] - shift) * scale, (latent[:, :, 1:] - video_shift) * video_scale], dim=2)
+    return normalise_with(latent, FIRST_FRAME[arch], LATER_FRAMES)
 
 
 def denormalise(latent: torch.Tensor, arch: str) -> torch.Tensor:
-    """The inverse of ``normalise`` as the reference computes it: a division by the stored scale (not a product by
-    its reciprocal), into a new tensor (the reference writes into its argument)."""
-    (shift, scale), (video_shift, video_scale) = FIRST_FRAME[arch], LATER_FRAMES
-    return torch.cat([latent[:, :, :1] / scale + shift, latent[:, :, 1:] / video_scale + video_shift], dim=2)
+    """The inverse of ``normalise`` as the reference computes it."""
+    return denormalise_with(latent, FIRST_FRAME[arch], LATER_FRAMES)
+
+
+def normalise_with(latent: torch.Tensor, first: tuple[float, float], later: tuple[float, float]) -> torch.Tensor:
+    """(z - shift) * scale along dim 2 (frames): frame 0 with ``first`` = (shift, scale), the rest with ``later``."""
+    return torch.cat([(latent[:, :, :1] - first[0]) * first[1], (latent[:, :, 1:] - later[0]) * later[1]], dim=2)
+
+
+def denormalise_with(latent: torch.Tensor, first: tuple[float, float], later: tuple[float, float]) -> torch.Tensor:
+    """z / scale + shift, a division by the stored scale (not a product by its reciprocal) as the reference computes
+    it, into a new tensor (the reference writes into its argument)."""
+    return torch.cat([latent[:, :, :1] / first[1] + first[0], latent[:, :, 1:] / later[1] + later[0]], dim=2)
 
 
 def to_uint8(frames: torch.Tensor) -> torch.Tensor:

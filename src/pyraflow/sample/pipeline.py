@@ -1,4 +1,5 @@
-"""A trained run, ready to sample: ``load_pipeline(RUN)`` -> ``Pipeline.generate / video / grid``."""
+"""A trained run (or a released folder), ready to sample: ``load_pipeline(RUN)`` (pyraflow.sample.loading) ->
+``Pipeline.generate / video / grid``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import torch
 from pyraflow.compilation import compile_blocks, resolve_compile
 from pyraflow.config import Config
 from pyraflow.media import write_grid
-from pyraflow.archs import trained_model
 from pyraflow.archs.base import PackedTransformer
 from pyraflow.sample.sampler import model_device, sample_pyramid, sample_video
 from pyraflow.schedule import PyramidSchedule
@@ -29,7 +29,8 @@ class Pipeline:
     def __init__(self, config: Config, model: PackedTransformer, schedule: PyramidSchedule, text_encoder, latent_space,
                  null: TextEmbedding):
         self.config, self.model, self.schedule = config, model.eval(), schedule
-        self.text_encoder, self.latent_space, self.null = text_encoder, latent_space, null
+        self.text_encoder, self.latent_space = text_encoder, latent_space
+        self.null = null  # guidance's unconditional caption: the run's empty one, or sample.negative_prompt
         if resolve_compile(config.sample.compile, self.device, "sample.compile"):
             compile_blocks(model)
 
@@ -39,6 +40,9 @@ class Pipeline:
 
     def _generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _encode(self, prompts: list[str]) -> TextEmbedding:
+        return self.text_encoder.encode([p + self.config.sample.prompt_suffix for p in prompts])
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.latent_space.decode(latents).clamp(-1, 1).cpu()
@@ -62,35 +66,42 @@ class Pipeline:
 
     def generate(self, prompts: list[str], seed: int = 0, steps: list[int] | None = None,
                  guidance: float | None = None, solver: str | None = None, on_stage_end=None,
-                 size: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[float]]:
+                 size: tuple[int, int] | None = None, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
         """One sample per prompt -> (pixels (B, C, T, H, W) in [-1, 1], seconds per stage). Same seed, same pixels.
 
         size: (height, width) in pixels, any the pyramid can halve (default: the run's square size). Runs trained on
         video units generate their clip length autoregressively (seconds are then per unit).
-        on_stage_end(k, latents): sees the latents at the end of each stage.
+        on_stage_end(k, latents): sees the latents at the end of each stage. noise: the full-resolution starting
+        latents (B, C, T, h, w) instead of the seed's.
         """
         if self.config.video_units():
             return self.video(prompts, self.config.data.frames, seed, steps=steps, guidance=guidance, size=size,
-                              on_stage_end=on_stage_end)
+                              on_stage_end=on_stage_end, noise=noise)
         sc = self.config.sample
-        text = self.text_encoder.encode(list(prompts))
+        text = self._encode(prompts)
         latents, timings = sample_pyramid(self.model, self.schedule, text, self.null, self.latent_shape(size),
                                           steps or sc.steps_per_stage(self.schedule.num_stages),
                                           sc.guidance if guidance is None else guidance, self._generator(seed),
-                                          solver or sc.solver, on_stage_end)
+                                          solver or sc.solver, on_stage_end, noise)
         return self._decode(latents), timings
 
     def max_frames(self) -> int:
-        return self.config.video.max_frames or max(self.config.data.clip_lengths())
+        return self.config.video.max_frames or self.default_frames()
+
+    def default_frames(self) -> int:
+        """The clip length a video gets when none is asked for: the longest the run trained on."""
+        return max(self.config.data.clip_lengths())
 
     def video(self, prompts: list[str], frames: int, seed: int = 0, image: torch.Tensor | None = None,
               steps: list[int] | None = None, guidance: float | None = None, allow_longer: bool = False,
-              use_cache: bool | None = None, on_stage_end=None,
-              size: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[float]]:
+              use_cache: bool | None = None, on_stage_end=None, size: tuple[int, int] | None = None,
+              noise: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
         """``frames`` frames per prompt, unit by unit -> (pixels (B, C, frames, H, W) in [-1, 1], seconds per unit).
 
-        image: (C, H, W) pixels in [-1, 1] used as the first frame of every video (image-to-video); size: (height,
-        width) pixels (default: the run's square size, or the image's).
+        frames count the model's (latent) frames: through Pyramid Flow's causal VAE each after the first decodes to
+        8 video frames. image: (C, H, W) pixels in [-1, 1] used as the first frame of every video (image-to-video);
+        size: (height, width) pixels (default: the run's square size, or the image's); noise: the starting latents
+        of the whole clip (B, C, T, h, w) instead of the seed's.
         """
         cfg, vc = self.config, self.config.video
         if size is None and image is not None and cfg.data.bucketed:
@@ -123,7 +134,7 @@ class Pipeline:
         if history is None and total > trained:
             history = (trained - 1) // vc.unit_frames  # never condition on more units than training showed
         sc = self.config.sample
-        text = self.text_encoder.encode(list(prompts))
+        text = self._encode(prompts)
         first = None
         if image is not None:
             first = self.latent_space.encode(image[None, :, None]).expand(len(prompts), -1, -1, -1, -1)
@@ -132,7 +143,8 @@ class Pipeline:
             steps or sc.steps_per_stage(self.schedule.num_stages), sc.guidance if guidance is None else guidance,
             self._generator(seed), first_frame=first, use_cache=vc.cache if use_cache is None else use_cache,
             max_history_units=history, history_noise=vc.sample_history_noise, solver=sc.solver,
-            on_stage_end=on_stage_end)
+            on_stage_end=on_stage_end, video_guidance=sc.video_guidance if guidance is None else guidance,
+            noise=noise)
         pixels = self._decode(latents[:, :, :frames])
         if image is not None:
             pixels[:, :, 0] = image  # the given frame exactly, not its round trip through the latent space
@@ -148,25 +160,3 @@ class Pipeline:
                                         size=size)
         write_grid(pixels, path, rows=len(prompts))
         return timings
-
-
-def load_pipeline(checkpoint: str | Path, device: torch.device | str | None = None, use_ema: bool = True) -> Pipeline:
-    """A run directory or checkpoint -> a ready Pipeline on ``device`` (default: CUDA when present), with clear
-    errors for missing or corrupt files."""
-    from pyraflow.config import load_config
-    from pyraflow.latents import build_latent_space
-    from pyraflow.text import load_null, load_text_encoder
-    from pyraflow.checkpoint import SAMPLING, resolve_checkpoint
-    from pyraflow.weights import CONFIG, EMA, MODEL, NULL_TEXT
-
-    device = torch.device(device) if device is not None else default_device()
-    weights = EMA if use_ema else MODEL
-    path = resolve_checkpoint(checkpoint, SAMPLING + (weights,))
-    config = load_config(path / "run.yaml")
-    model = trained_model(path, config, weights)
-    if model.config != config.model:
-        raise ValueError(f"{path / CONFIG} does not match the model section of {path / 'run.yaml'}; "
-                         "the checkpoint is inconsistent.")
-    text_encoder = load_text_encoder(config.text, widths=(config.model.text_dim, config.model.pooled_dim))
-    return Pipeline(config, model.to(device), PyramidSchedule(config.schedule), text_encoder,
-                    build_latent_space(config.latent, device), load_null(path / NULL_TEXT))

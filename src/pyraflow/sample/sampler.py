@@ -65,16 +65,24 @@ def sample_pyramid(
     generator: torch.Generator | None = None,
     solver: str = "euler",
     on_stage_end=None,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Generate one latent per caption in ``text``, on the model's device.
 
-    latent_shape: (C, T, H, W) at full resolution. Returns (latents (B, C, T, H, W), seconds per stage).
+    latent_shape: (C, T, H, W) at full resolution. noise: the full-resolution Gaussian (B, C, T, H, W) to start
+    from, instead of one drawn with ``generator``. Returns (latents (B, C, T, H, W), seconds per stage).
     Stage 0 starts from the coarsest level of one full-resolution Gaussian; each stage integrates its
     local coordinate r from 1 to 0 (x <- x + (r_next - r) v); between stages ``schedule.jump`` upsamples
     and renoises with block noise. Guidance runs the conditional and null branches in one packed pass.
     ``generator`` must live on the model's device.
     """
-    noise = torch.randn((len(text), *latent_shape), generator=generator, device=model_device(model))
+    device = model_device(model)
+    if noise is None:
+        noise = torch.randn((len(text), *latent_shape), generator=generator, device=device)
+    elif tuple(noise.shape) != (len(text), *latent_shape):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}; {len(text)} caption(s) of latents {tuple(latent_shape)} "
+                         f"need {(len(text), *latent_shape)}.")
+    noise = noise.to(device)
     return denoise_cascade(model, schedule, noise, text, null, steps, guidance, generator, solver=solver,
                            on_stage_end=on_stage_end)
 
@@ -171,12 +179,16 @@ def sample_video(
     history_noise: float = 0.0,
     solver: str = "euler",
     on_stage_end=None,
+    video_guidance: float | None = None,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Autoregressive video: unit by unit, each through the whole stage cascade, conditioned on the
     compressed history of the units generated so far.
 
     latent_shape: (C, T, H, W) with T = 1 + U * unit_frames. first_frame: (B, C, 1, H, W) latents to start from
-    (image-to-video) instead of generating unit 0. Returns (latents (B, C, T, H, W) on the model's device,
+    (image-to-video) instead of generating unit 0. guidance: of the first frame; video_guidance: of the later units
+    (None: guidance). noise: the full-resolution Gaussian of the whole clip (B, C, T, H, W), each unit taking its
+    frames, instead of a draw per unit with ``generator``. Returns (latents (B, C, T, H, W) on the model's device,
     seconds per unit). ``generator`` must live on the model's device. on_stage_end(k, x): after every stage of
     every unit.
     """
@@ -184,6 +196,9 @@ def sample_video(
     c, frames, h, w = latent_shape
     spans = unit_spans(frames, unit_frames)
     n = len(text)
+    if noise is not None and tuple(noise.shape) != (n, c, frames, h, w):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}; {n} caption(s) of latents {tuple(latent_shape)} "
+                         f"need {(n, c, frames, h, w)}.")
     video = torch.zeros((n, c, frames, h, w), device=device)
     timings = []
     for u, (first, count) in enumerate(spans):
@@ -192,7 +207,10 @@ def sample_video(
             video[:, :, :1] = first_frame.to(device)
             timings.append(0.0)
             continue
-        noise = torch.randn((n, c, count, h, w), generator=generator, device=device)
+        if noise is None:
+            unit_noise = torch.randn((n, c, count, h, w), generator=generator, device=device)
+        else:
+            unit_noise = noise[:, :, first : first + count].to(device)
         levels = schedule.data_pyramid(video)
         noise_levels = (schedule.noise_pyramid(torch.randn(video.shape, generator=generator, device=device))
                         if history_noise else None)
@@ -202,8 +220,9 @@ def sample_video(
                                  None if noise_levels is None else [nv[row] for nv in noise_levels],
                                  schedule.config.num_timesteps)
 
+        unit_guidance = guidance if u == 0 or video_guidance is None else video_guidance
         video[:, :, first : first + count], _ = denoise_cascade(
-            model, schedule, noise, text, null, steps, guidance, generator, history, u, first, use_cache, solver,
-            on_stage_end)
+            model, schedule, unit_noise, text, null, steps, unit_guidance, generator, history, u, first, use_cache,
+            solver, on_stage_end)
         timings.append(time.perf_counter() - start)
     return video, timings

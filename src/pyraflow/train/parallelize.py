@@ -1,7 +1,7 @@
 """Distributed set-up, kept out of the model: process group under torchrun, then DDP or FSDP2.
 
-Order (as torchtitan): activation checkpointing is a model option; data parallelism wraps last. Every collective the
-training code uses is defined here.
+Order (as torchtitan): activation checkpointing, then compilation (pyraflow.compilation), then data parallelism.
+Every collective the training code uses is defined here.
 gloo on CPU (correctness, not speed), NCCL on CUDA.
 
 A run's process group lives inside ``process_group()``: it is destroyed however the run ends (success, an
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 import sys
 import warnings
@@ -73,6 +74,26 @@ def process_group(timeout_minutes: float | None = None) -> Iterator[DistributedI
         raise
     finally:
         shutdown(info)
+
+
+def checkpoint_activations(model: torch.nn.Module, fraction: float) -> int:
+    """Recompute the activations of the first ``fraction`` of the model's blocks in backward instead of keeping them
+    (model.checkpoint_fraction): memory for compute. Each chosen block's forward is replaced in place, as
+    compile_blocks does, so parameter and state-dict names stay as they are; without gradients (sampling, the
+    history cache) the blocks run as before. Returns the number of blocks checkpointed."""
+    blocks = list(model.blocks)
+    chosen = blocks[:round(fraction * len(blocks))]
+    for block in chosen:
+        block.forward = functools.partial(_recomputed, block.forward)
+    return len(chosen)
+
+
+def _recomputed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def parallelize(model: torch.nn.Module, info: DistributedInfo, mode: str, precision: str = "fp32") -> torch.nn.Module:

@@ -19,19 +19,19 @@ from pathlib import Path
 import torch
 
 from pyraflow.batching import TokenBudgetBatcher, example_classes
-from pyraflow.checkpoint import load_trainer_state, resolve_checkpoint, write_checkpoint
+from pyraflow.checkpoint import LEGACY_OPTIMIZER, load_trainer_state, resolve_checkpoint, write_checkpoint
 from pyraflow.config import Config, load_config, to_yaml
 from pyraflow.data.loader import prefetch_depth, training_loader
 from pyraflow.archs import build_model, parameters_on_meta, stored_tensors, training_model
 from pyraflow.archs.base import PackedTransformer
-from pyraflow.weights import EMA, MODEL, NULL_TEXT, StoredTensors, save_tensors, write_model_config
+from pyraflow.weights import EMA, MODEL, NULL_TEXT, OPTIMIZER, StoredTensors, save_tensors, write_model_config
 from pyraflow.schedule import PyramidSchedule
 from pyraflow.train.objective import ExampleBuilder, flow_matching_loss
 from pyraflow.train.optim import lr_factor, make_optimizer, resolve_precision
 from pyraflow.compilation import compile_blocks, resolve_compile
 from pyraflow.lora import ADAPTER, add_adapters
-from pyraflow.train.parallelize import (DistributedInfo, all_reduce_sum, barrier, fill_sharded, full_tensor,
-                                        gather_to_main, init_distributed, load_from_main, materialize, parallelize)
+from pyraflow.train.parallelize import (DistributedInfo, all_reduce_sum, barrier, checkpoint_activations, fill_sharded,
+                                        full_tensor, gather_to_main, init_distributed, load_from_main, materialize, parallelize)
 
 log = logging.getLogger("pyraflow.train")
 
@@ -116,8 +116,7 @@ class Trainer:
             self.model, self.wrapped = self._sharded_model(resume)
         else:
             self.model = training_model(config, load_base=not resume).to(info.device)
-            if resolve_compile(tc.compile, info.device):  # before data parallelism wraps the blocks, as torchtitan does
-                compile_blocks(self.model)
+            self._prepare_blocks(self.model)
             self.wrapped = parallelize(self.model, info, tc.parallel, self.precision)
         # the unwrapped model's names of what trains (DDP shares these parameters; FSDP2 shards them in place): every
         # weight, or with train.lora the adapters only, which are then all that the optimizer, EMA and checkpoints hold
@@ -163,8 +162,7 @@ class Trainer:
             model = build_model(config.model)
             if tc.lora.rank:
                 add_adapters(model, tc.lora)
-        if resolve_compile(tc.compile, info.device):
-            compile_blocks(model)
+        self._prepare_blocks(model)
         wrapped = parallelize(model, info, "fsdp", self.precision)
         materialize(model, info.device)
         parameters = dict(model.named_parameters())
@@ -180,6 +178,13 @@ class Trainer:
             adapters = {name: p for name, p in parameters.items() if ADAPTER in name}
             fill_sharded(adapters, lambda name, rows: fresh_adapter(name, adapters[name].shape, tc.seed)[rows or slice(None)])
         return model, wrapped
+
+    def _prepare_blocks(self, model: PackedTransformer) -> None:
+        """Activation checkpointing, then compilation: both before data parallelism wraps the blocks, as torchtitan
+        orders them."""
+        checkpoint_activations(model, self.config.model.checkpoint_fraction)
+        if resolve_compile(self.config.train.compile, self.info.device):
+            compile_blocks(model)
 
     # ----- set-up checks ---------------------------------------------------------------------------
     def _check_out_dir(self, resume: bool) -> None:
@@ -362,8 +367,10 @@ class Trainer:
             save_tensors(ema_state, directory / EMA)
             save_null(self.null, directory / NULL_TEXT)
             (directory / "run.yaml").write_text(to_yaml(self.config))
-            torch.save(optimizer_state, directory / "optimizer.pt")
+            save_tensors({f"{name}.{key}": value for name, entry in optimizer_state["state"].items()
+                          for key, value in entry.items()}, directory / OPTIMIZER)
             torch.save({
+                "optimizer_groups": optimizer_state["param_groups"],
                 "step": self.step,
                 "lr_schedule": self.lr_schedule.state_dict(),
                 "batcher": self.position,
@@ -380,8 +387,6 @@ class Trainer:
         return load_trainer_state(resolve_checkpoint(self.out))["precision"]
 
     def _resume(self) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         path = resolve_checkpoint(self.out)
         saved = load_config(path / "run.yaml")
         for section in ("model", "schedule", "data", "text", "latent", "video"):
@@ -402,10 +407,7 @@ class Trainer:
             fill_sharded(dict(zip(self.names, targets)), stored.read)
             if name == MODEL:
                 fill_sharded({b: t for b, t in self.buffers.items() if b in stored.names()}, stored.read)
-        reads = self.info.is_main or not self.sharded  # the optimizer state: read whole by rank 0 under FSDP
-        optimizer = load_trainer_state(path, "optimizer.pt") if reads else {}
-        set_optimizer_state_dict(self.wrapped, self.optimizer, optimizer, options=StateDictOptions(
-            full_state_dict=True, broadcast_from_rank0=self.sharded))
+        self._resume_optimizer(path, state)
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.batcher.load_state_dict(state["batcher"])
         self.position = state["batcher"]
@@ -415,6 +417,33 @@ class Trainer:
         self.bad_steps.fill_(state["bad_steps"])
         self.consecutive_bad.fill_(state["consecutive_bad"])
         self.worst_bad_run.fill_(state["consecutive_bad"])
+
+    def _resume_optimizer(self, path: Path, state: dict) -> None:
+        """AdamW's state, each rank reading the rows of the moments it holds (a scalar such as the step count
+        whole). A checkpoint of an older pyraflow holds it in one pickle, read whole by rank 0 and sent out."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if not (path / OPTIMIZER).is_file() and (path / LEGACY_OPTIMIZER).is_file():
+            reads = self.info.is_main or not self.sharded
+            optimizer = load_trainer_state(path, LEGACY_OPTIMIZER) if reads else {}
+            set_optimizer_state_dict(self.wrapped, self.optimizer, optimizer, options=StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=self.sharded))
+            return
+        if not (path / OPTIMIZER).is_file():
+            raise FileNotFoundError(f"{path} has no {OPTIMIZER}: the checkpoint is incomplete; resume from an "
+                                    "earlier step-N (point --out's checkpoints/latest at it) or start a new run.")
+        stored = StoredTensors([path / OPTIMIZER])
+        entries = {}
+        for name, param in zip(self.names, self.params):
+            keys = sorted(key for key in stored.names() if key.rpartition(".")[0] == name)
+            if not keys:
+                raise ValueError(f"{path / OPTIMIZER} holds no state for {name}; it was written for another model.")
+            whole = {key: stored.read(key) for key in keys if list(stored.shape(key)) != list(param.shape)}
+            rows = {key: torch.zeros_like(param) for key in keys if key not in whole}  # sharded as the parameter
+            fill_sharded(rows, stored.read)
+            entries[name] = {key.rpartition(".")[2]: value for key, value in {**whole, **rows}.items()}
+        set_optimizer_state_dict(self.wrapped, self.optimizer, {"state": entries, "param_groups": state["optimizer_groups"]},
+                                 options=StateDictOptions(full_state_dict=False))
 
     def ema_model(self) -> PackedTransformer:
         """The EMA weights as a plain model on the training device, on every rank (a collective under FSDP)."""
