@@ -22,7 +22,7 @@ import torch
 from pyraflow.storage import atomic_path, remove_partials
 from pyraflow.weights import CONFIG, EMA, MODEL, NULL_TEXT, OPTIMIZER
 
-LEGACY_OPTIMIZER = "optimizer.pt"  # the whole AdamW state in one pickle, as pyraflow wrote it before 2026-12-02
+LEGACY_OPTIMIZER = "optimizer.pt"  # the older format: the whole AdamW state in one pickle, read whole by rank 0
 RESUMES = (CONFIG, MODEL, EMA, NULL_TEXT, "run.yaml", "trainer.pt")  # and one of the two optimizer files
 REQUIRED = RESUMES + (OPTIMIZER,)  # what a checkpoint is written with
 SAMPLING = (CONFIG, EMA, NULL_TEXT, "run.yaml")  # what sampling needs

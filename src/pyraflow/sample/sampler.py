@@ -53,6 +53,12 @@ def integrate(velocity, x: torch.Tensor, grid: torch.Tensor, solver: str = "eule
     return x
 
 
+def _check_noise(noise: torch.Tensor, captions: int, latent_shape: tuple[int, ...]) -> None:
+    if tuple(noise.shape) != (captions, *latent_shape):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}; {captions} caption(s) of latents {tuple(latent_shape)} "
+                         f"need {(captions, *latent_shape)}.")
+
+
 @torch.no_grad()
 def sample_pyramid(
     model: PackedTransformer,
@@ -79,9 +85,7 @@ def sample_pyramid(
     device = model_device(model)
     if noise is None:
         noise = torch.randn((len(text), *latent_shape), generator=generator, device=device)
-    elif tuple(noise.shape) != (len(text), *latent_shape):
-        raise ValueError(f"noise has shape {tuple(noise.shape)}; {len(text)} caption(s) of latents {tuple(latent_shape)} "
-                         f"need {(len(text), *latent_shape)}.")
+    _check_noise(noise, len(text), latent_shape)
     noise = noise.to(device)
     return denoise_cascade(model, schedule, noise, text, null, steps, guidance, generator, solver=solver,
                            on_stage_end=on_stage_end)
@@ -196,9 +200,8 @@ def sample_video(
     c, frames, h, w = latent_shape
     spans = unit_spans(frames, unit_frames)
     n = len(text)
-    if noise is not None and tuple(noise.shape) != (n, c, frames, h, w):
-        raise ValueError(f"noise has shape {tuple(noise.shape)}; {n} caption(s) of latents {tuple(latent_shape)} "
-                         f"need {(n, c, frames, h, w)}.")
+    if noise is not None:
+        _check_noise(noise, n, latent_shape)
     video = torch.zeros((n, c, frames, h, w), device=device)
     timings = []
     for u, (first, count) in enumerate(spans):

@@ -433,9 +433,12 @@ class Trainer:
             raise FileNotFoundError(f"{path} has no {OPTIMIZER}: the checkpoint is incomplete; resume from an "
                                     "earlier step-N (point --out's checkpoints/latest at it) or start a new run.")
         stored = StoredTensors([path / OPTIMIZER])
+        by_parameter: dict[str, list[str]] = {}
+        for key in sorted(stored.names()):
+            by_parameter.setdefault(key.rpartition(".")[0], []).append(key)
         entries = {}
         for name, param in zip(self.names, self.params):
-            keys = sorted(key for key in stored.names() if key.rpartition(".")[0] == name)
+            keys = by_parameter.get(name)
             if not keys:
                 raise ValueError(f"{path / OPTIMIZER} holds no state for {name}; it was written for another model.")
             whole = {key: stored.read(key) for key in keys if list(stored.shape(key)) != list(param.shape)}
