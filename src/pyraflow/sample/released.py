@@ -102,7 +102,7 @@ def released_config(root: str | Path, variant: str | None = None, frames: int | 
 def load_transformer(source: str | Path, expected: ModelConfig):
     """A fine-tune of a released transformer: a pyraflow run or checkpoint (its EMA weights; a LoRA run's adapters
     on its train.init_from base) or a model directory, checked to fit in place of ``expected``."""
-    from pyraflow.archs import load_model, trained_model
+    from pyraflow.archs import check_architecture, load_model, trained_model
     from pyraflow.config import load_config
     from pyraflow.convert import source_weights
 
@@ -111,11 +111,7 @@ def load_transformer(source: str | Path, expected: ModelConfig):
         model = trained_model(directory, load_config(directory / "run.yaml"), weights)
     else:
         model = load_model(directory, weights)
-    for field in ("arch", "in_channels", "patch_size", "text_dim", "pooled_dim"):
-        if getattr(model.config, field) != getattr(expected, field):
-            raise ValueError(f"{source} has model.{field}={getattr(model.config, field)!r} where the released "
-                             f"transformer it replaces has {getattr(expected, field)!r}; pass a fine-tune of this "
-                             "folder's transformer (or the folder it was trained from).")
+    check_architecture(expected, model.config, source)
     return model
 
 

@@ -23,6 +23,7 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -91,8 +92,6 @@ def checkpoint_activations(model: torch.nn.Module, fraction: float) -> int:
 def _recomputed(forward, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
-    from torch.utils.checkpoint import checkpoint
-
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
