@@ -12,6 +12,7 @@ temporal-causal attention).
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,56 @@ from pyraflow.weights import CONFIG, MODEL, read_model_config, read_tensors, sav
 
 TIMESTEP_FEATURES = 256  # sinusoidal features of the timestep before the conditioning MLP
 MAX_BROADCAST_BLOCKS = 8  # above this many blocks of equal-length runs, one gather beats a loop over blocks
+
+def draw_init_seed() -> int:
+    """The seed of a new model's initial weights, from torch's global generator (so ``torch.manual_seed`` fixes it),
+    drawn on the CPU whatever the default device (a model built on the meta device draws the same seed)."""
+    return int(torch.randint(0, 2**31, (), device="cpu"))
+
+
+def tensor_generator(seed: int, name: str) -> torch.Generator:
+    """A generator of its own for each named tensor, so a tensor's initial value depends on the seed and its name
+    only: not on which rank draws it, in which order, or what else the model holds."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def initial_tensor(kind: str, shape: torch.Size | tuple[int, ...], seed: int, name: str) -> torch.Tensor:
+    """A parameter's initial value (on the CPU) by its kind: ``xavier`` (uniform, fan-in = all but the first
+    dimension, as xavier_uniform_ on the (out, -1) view), ``normal`` (std 0.02), ``zeros`` or ``ones``."""
+    if kind == "zeros":
+        return torch.zeros(shape)
+    if kind == "ones":
+        return torch.ones(shape)
+    generator = tensor_generator(seed, name)
+    if kind == "normal":
+        return torch.empty(shape).normal_(0.0, 0.02, generator=generator)
+    if kind == "xavier":
+        fan_out = shape[0]
+        fan_in = math.prod(shape) // fan_out
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+    raise ValueError(f"unknown initialisation {kind!r} for {name}")
+
+
+def parameter_kinds(model: nn.Module, normal: list[nn.Module], zero: list[nn.Module]) -> dict[str, str]:
+    """Every parameter's init kind: linear and convolution weights Xavier with zero biases, norm weights one; then
+    ``normal`` layers' weights normal(0, 0.02) and ``zero`` layers' weights and biases zero."""
+    kinds, names = {}, {id(m): n for n, m in model.named_modules()}
+    for module_name, module in model.named_modules():
+        for name, _ in module.named_parameters(prefix=module_name, recurse=False):
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                kinds[name] = "xavier" if name.endswith("weight") else "zeros"
+            elif name.endswith("weight"):  # norm scales
+                kinds[name] = "ones"
+            else:
+                raise NotImplementedError(f"no initialisation rule for {name} ({type(module).__name__})")
+    for layer in normal:
+        kinds[f"{names[id(layer)]}.weight"] = "normal"
+    for layer in zero:
+        for name, _ in layer.named_parameters(prefix=names[id(layer)]):
+            kinds[name] = "zeros"
+    return kinds
+
 
 class RunBroadcast:
     """Applies per-run vectors (R, D) to the tokens of each run (N, D).
@@ -175,8 +226,28 @@ class PackedTransformer(nn.Module):
     compiled = False  # blocks compiled by pyraflow.compilation.compile_blocks
     caches_history = True  # text and history do not depend on the predicted latent's timestep, so can be cached
 
+    init_seed: int  # set by each architecture's constructor (draw_init_seed) before it builds its layers
+
     def rope_for(self, layout: Layout, device: torch.device) -> torch.Tensor:
         raise NotImplementedError
+
+    def init_kinds(self) -> dict[str, str]:
+        """Every parameter's initialisation kind (``initial_tensor``), by name."""
+        raise NotImplementedError
+
+    def initial_value(self, name: str) -> torch.Tensor:
+        """The initial value of parameter ``name``, whole, on the CPU: the same on every rank, so a sharded run cuts
+        its rows from it instead of building the model on one rank."""
+        return initial_tensor(self.init_kinds()[name], self.get_parameter(name).shape, self.init_seed, name)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Draw every parameter, one tensor at a time, from its own generator (parameters on the meta device are
+        left for the run that shards them to fill)."""
+        kinds = self.init_kinds()
+        for name, parameter in self.named_parameters():
+            if not parameter.is_meta:
+                parameter.copy_(initial_tensor(kinds[name], parameter.shape, self.init_seed, name))
 
     def _check(self, batch: PackedBatch) -> None:
         cfg = self.config

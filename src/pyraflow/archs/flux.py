@@ -15,10 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pyraflow.archs.layers import (DoubleStreamBlock, JointAttention, Modulation, ReferenceTransformer,
-                                   TimeTextEmbedding, gated, modulated, patch_order, reference_init, zero_init)
+                                   TimeTextEmbedding, gated, modulated, patch_order, reference_init_kinds)
 from pyraflow import compilation
 from pyraflow.config import ModelConfig
-from pyraflow.archs.base import Context, rope_tables
+from pyraflow.archs.base import Context, draw_init_seed, rope_tables
 from pyraflow.packing import Layout, PackedBatch
 
 QK_EPS = 1e-6
@@ -78,6 +78,7 @@ class PyramidFlux(ReferenceTransformer):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.init_seed = draw_init_seed()
         self.config = cfg = config
         d, patch_dim = cfg.width, cfg.in_channels * cfg.patch_size**2
         self.time_text_embed = TimeTextEmbedding(d, cfg.pooled_dim)
@@ -94,9 +95,8 @@ class PyramidFlux(ReferenceTransformer):
         self.register_buffer("from_reference", torch.argsort(order), persistent=False)
         self.init_weights()
 
-    def init_weights(self) -> None:
-        reference_init(self)
-        zero_init([b.norm.linear for b in self.single_transformer_blocks])
+    def init_kinds(self) -> dict[str, str]:
+        return reference_init_kinds(self, [b.norm.linear for b in self.single_transformer_blocks])
 
     @property
     def blocks(self) -> list[nn.Module]:

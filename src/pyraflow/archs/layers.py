@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pyraflow import compilation
-from pyraflow.archs.base import Context, PackedTransformer, apply_rope, gated, modulated, rms_norm, timestep_embedding
+from pyraflow.archs.base import (Context, PackedTransformer, apply_rope, gated, modulated, parameter_kinds, rms_norm,
+                                 timestep_embedding)
 from pyraflow.packing import PackedBatch
 
 class RMSNorm(nn.Module):
@@ -193,28 +194,18 @@ def patch_order(channels: int, patch: int) -> torch.Tensor:
     return torch.arange(channels * patch * patch).view(channels, patch, patch).permute(1, 2, 0).reshape(-1)
 
 
-def zero_init(layers: list[nn.Linear]) -> None:
-    for layer in layers:
-        nn.init.zeros_(layer.weight)
-        nn.init.zeros_(layer.bias)
-
-
-def reference_init(model: nn.Module) -> None:
+def reference_init_kinds(model: nn.Module, zero: list[nn.Module] = ()) -> dict[str, str]:
     """The reference's init: Xavier-uniform linear (and patch conv) weights with zero biases, normal(0, 0.02)
-    conditioning and text embedders, zero adaLN and output layers (every block starts as the identity)."""
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
-            nn.init.zeros_(module.bias)
+    conditioning and text embedders, zero adaLN and output layers (every block starts as the identity); ``zero``
+    adds an architecture's own zeroed layers."""
     embed = model.time_text_embed
-    for layer in (embed.timestep_embedder.linear_1, embed.timestep_embedder.linear_2, embed.text_embedder.linear_1,
-                  embed.text_embedder.linear_2, model.context_embedder):
-        nn.init.normal_(layer.weight, std=0.02)
-    zero = [model.norm_out.linear, model.proj_out]
+    normal = [embed.timestep_embedder.linear_1, embed.timestep_embedder.linear_2, embed.text_embedder.linear_1,
+              embed.text_embedder.linear_2, model.context_embedder]
+    zero = [model.norm_out.linear, model.proj_out, *zero]
     for module in model.modules():
         if isinstance(module, DoubleStreamBlock):
             zero += [module.norm1.linear, module.norm1_context.linear]
-    zero_init(zero)
+    return parameter_kinds(model, normal, zero)
 
 
 class ReferenceTransformer(PackedTransformer):

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from pyraflow import compilation
 from pyraflow.archs.base import (TIMESTEP_FEATURES, Context, PackedTransformer, PrefixCache, RunBroadcast, apply_rope,
-                                 gated, modulated, rms_norm, rope_tables, timestep_embedding)
+                                 draw_init_seed, gated, modulated, parameter_kinds, rms_norm, rope_tables,
+                                 timestep_embedding)
 from pyraflow.config import ModelConfig
 from pyraflow.packing import Layout, PackedBatch
 
@@ -82,6 +83,7 @@ class MMDiTBlock(nn.Module):
 class MultiStageMMDiT(PackedTransformer):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.init_seed = draw_init_seed()
         self.config = cfg = config
         d = cfg.width
         patch_dim = cfg.in_channels * cfg.patch_size**2
@@ -94,28 +96,19 @@ class MultiStageMMDiT(PackedTransformer):
         self.visual_out = nn.Linear(d, patch_dim)
         self.init_weights()
 
-    def init_weights(self) -> None:
+    def init_kinds(self) -> dict[str, str]:
         """Every init choice in one place.
 
-        - Linear layers: Xavier-uniform weights, zero biases (as DiT).
+        - Linear layers: Xavier-uniform weights, zero biases (as DiT); norm scales one.
         - Timestep and pooled-text MLPs: normal(0, 0.02), so conditioning starts small but not zero.
         - Every adaLN modulation layer and the output layer: zero, so each block starts as the identity
           (gates are 0) and the model's first prediction is 0.
         """
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        for mlp in (self.time_mlp, self.pooled_mlp):
-            for layer in mlp:
-                if isinstance(layer, nn.Linear):
-                    nn.init.normal_(layer.weight, std=0.02)
+        normal = [layer for mlp in (self.time_mlp, self.pooled_mlp) for layer in mlp if isinstance(layer, nn.Linear)]
         zero = [self.final_modulation, self.visual_out]
         for block in self.blocks:
             zero += [block.text.modulation, block.visual.modulation]
-        for layer in zero:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        return parameter_kinds(self, normal, zero)
 
     def rope_for(self, layout: Layout, device: torch.device) -> torch.Tensor:
         """Rotations at the packed positions: full-resolution token units, coarse tokens at their fine tokens' centre."""

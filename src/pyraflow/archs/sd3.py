@@ -15,9 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pyraflow.archs.layers import (DoubleStreamBlock, Modulation, ReferenceTransformer, TimeTextEmbedding,
-                                   patch_order, reference_init)
+                                   patch_order, reference_init_kinds)
 from pyraflow.config import ModelConfig
-from pyraflow.archs.base import rope_tables
+from pyraflow.archs.base import draw_init_seed, rope_tables
 from pyraflow.packing import Layout, PackedBatch
 
 QK_EPS = 1e-5
@@ -80,6 +80,7 @@ class PyramidSD3(ReferenceTransformer):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.init_seed = draw_init_seed()
         self.config = cfg = config
         d, patch_dim = cfg.width, cfg.in_channels * cfg.patch_size**2
         self.pos_embed = PatchEmbedding(cfg.in_channels, d, cfg.patch_size, cfg.pos_embed_max_size,
@@ -96,8 +97,8 @@ class PyramidSD3(ReferenceTransformer):
                              persistent=False)
         self.init_weights()
 
-    def init_weights(self) -> None:
-        reference_init(self)
+    def init_kinds(self) -> dict[str, str]:
+        return reference_init_kinds(self)
 
     @property
     def blocks(self) -> nn.ModuleList:

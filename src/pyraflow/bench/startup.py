@@ -5,7 +5,8 @@ with random weights, tensor by tensor; then ``torchrun --nproc_per_node=RANKS`` 
 rank sets up a Trainer with ``train.init_from`` = that directory and ``train.parallel=fsdp`` and reports its peak
 resident set (VmHWM) once set up. The same with a tiny model gives what a rank holds besides the model (torch, data,
 text encoder), so the difference is what the model costs a rank: its shard of the weights and of the EMA (half of
-2 x the fp32 model on 2 ranks) when it reads only its own rows, one more whole model when it builds it first.
+2 x the fp32 model on 2 ranks) when it reads only its own rows, one more whole model when it builds it first. The
+large model is also set up fresh (no init_from), each rank drawing only its own rows' initial values.
 """
 
 from __future__ import annotations
@@ -61,8 +62,12 @@ def startup_memory(ranks: int = 2, directory: str | Path | None = None, progress
             parameters = write_random_model(root / "model", RUN + model)
             result[name] = {"model": model, "parameters": parameters, "fp32_model_mb": 4 * parameters / 2**20,
                             "peak_rss_mb": launch(root, ranks, RUN + model + [f"train.init_from={root / 'model'}"])}
+        if progress:
+            print("bench startup: the large model initialised fresh (no train.init_from)", flush=True)
+        result["fresh"] = {"model": LARGE, "peak_rss_mb": launch(Path(tmp) / "fresh", ranks, RUN + LARGE)}
     large, tiny = result["large"], result["tiny"]
     result["model_cost_mb"] = [a - b for a, b in zip(large["peak_rss_mb"], tiny["peak_rss_mb"])]
+    result["fresh_model_cost_mb"] = [a - b for a, b in zip(result["fresh"]["peak_rss_mb"], tiny["peak_rss_mb"])]
     result["model_cost_in_fp32_models"] = [c / large["fp32_model_mb"] for c in result["model_cost_mb"]]
     return result
 
@@ -73,6 +78,9 @@ def format_startup(result: dict) -> str:
              f"({large['fp32_model_mb']:.0f} MB in fp32), peak RSS per rank:"]
     for rank, (big, small, cost) in enumerate(zip(large["peak_rss_mb"], result["tiny"]["peak_rss_mb"], result["model_cost_mb"])):
         lines.append(f"  rank {rank}: {big:,.0f} MB ({small:,.0f} MB with a tiny model): the model costs {cost:,.0f} MB "
+                     f"= {cost / large['fp32_model_mb']:.2f} fp32 models")
+    for rank, (peak, cost) in enumerate(zip(result["fresh"]["peak_rss_mb"], result["fresh_model_cost_mb"])):
+        lines.append(f"  rank {rank}, the same model initialised fresh: {peak:,.0f} MB: the model costs {cost:,.0f} MB "
                      f"= {cost / large['fp32_model_mb']:.2f} fp32 models")
     return "\n".join(lines)
 

@@ -138,22 +138,6 @@ def gather_to_main(names: list[str], tensors: list[torch.Tensor], info: Distribu
     return state if info.is_main else None
 
 
-@torch.no_grad()
-def load_from_main(names: list[str], targets: list[torch.Tensor], full: dict[str, torch.Tensor] | None,
-                   info: DistributedInfo) -> None:
-    """Copy full tensors into (possibly sharded) targets. Sharded targets take their shard of rank 0's tensor
-    (other ranks pass None); replicated targets copy the full tensor they read themselves."""
-    for name, target in zip(names, targets):
-        if hasattr(target, "full_tensor"):
-            from torch.distributed.tensor import distribute_tensor
-
-            source = full[name] if info.is_main else torch.empty(target.shape)
-            target.copy_(distribute_tensor(source.to(target.device, target.dtype), target.device_mesh, target.placements,
-                                           src_data_rank=0))
-        else:
-            target.copy_(full[name])
-
-
 def local_rows(target: torch.Tensor) -> slice | None:
     """The rows of the full tensor this rank holds of an FSDP2 parameter (sharded on dim 0 in ``torch.chunk``'s
     pieces); None for a tensor every rank holds whole."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import zlib
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from pyraflow.checkpoint import LEGACY_OPTIMIZER, load_trainer_state, resolve_ch
 from pyraflow.config import Config, load_config, to_yaml
 from pyraflow.data.loader import prefetch_depth, training_loader
 from pyraflow.archs import build_model, parameters_on_meta, stored_tensors, training_model
-from pyraflow.archs.base import PackedTransformer
+from pyraflow.archs.base import PackedTransformer, tensor_generator
 from pyraflow.weights import EMA, MODEL, NULL_TEXT, OPTIMIZER, StoredTensors, save_tensors, write_model_config
 from pyraflow.schedule import PyramidSchedule
 from pyraflow.train.objective import ExampleBuilder, flow_matching_loss
@@ -31,7 +30,7 @@ from pyraflow.train.optim import lr_factor, make_optimizer, resolve_precision
 from pyraflow.compilation import compile_blocks, resolve_compile
 from pyraflow.lora import ADAPTER, add_adapters
 from pyraflow.train.parallelize import (DistributedInfo, all_reduce_sum, barrier, checkpoint_activations, fill_sharded,
-                                        full_tensor, gather_to_main, init_distributed, load_from_main, materialize, parallelize)
+                                        full_tensor, gather_to_main, init_distributed, materialize, parallelize)
 
 log = logging.getLogger("pyraflow.train")
 
@@ -77,8 +76,7 @@ def fresh_adapter(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
     run cuts its rows from the same tensor."""
     if "lora_B" in name:
         return torch.zeros(shape)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    return (torch.rand(shape, generator=generator) * 2 - 1) / math.sqrt(shape[1])
+    return (torch.rand(shape, generator=tensor_generator(seed, name)) * 2 - 1) / math.sqrt(shape[1])
 
 
 class Trainer:
@@ -111,7 +109,7 @@ class Trainer:
         self.schedule = PyramidSchedule(config.schedule)
         # a resume computes in the precision its run recorded, whatever the device would choose now
         self.precision = self._recorded_precision() if resume else resolve_precision(tc.precision, info.device)
-        torch.manual_seed(tc.seed)  # identical initial weights on every rank
+        torch.manual_seed(tc.seed)  # the initial weights' seed (archs.base.draw_init_seed), the same on every rank
         if self.sharded:
             self.model, self.wrapped = self._sharded_model(resume)
         else:
@@ -154,9 +152,10 @@ class Trainer:
     def _sharded_model(self, resume: bool) -> tuple[PackedTransformer, torch.nn.Module]:
         """FSDP2 without the whole model on any rank's host: built with its parameters on the meta device, compiled
         and sharded, then allocated and filled, each rank its own rows: from train.init_from's files (a LoRA run's
-        base, also on resume), or, where there is nothing to read, from rank 0's initialisation (the single-process
-        one), one tensor at a time. Fresh adapters start as peft starts them (B = 0), A drawn per tensor from the
-        run's seed. A resume fills the rest from the checkpoint (``_resume``)."""
+        base, also on resume), or, where there is nothing to read, from the model's initialisation, drawn a tensor at
+        a time from a generator per tensor (the single-process run's weights, whatever the world size). Fresh adapters
+        start as peft starts them (B = 0), A drawn per tensor from the run's seed. A resume fills the rest from the
+        checkpoint (``_resume``)."""
         config, tc, info = self.config, self.config.train, self.info
         with parameters_on_meta():
             model = build_model(config.model)
@@ -170,10 +169,7 @@ class Trainer:
         if tc.init_from and (not resume or tc.lora.rank):
             fill_sharded(base, stored_tensors(tc.init_from, config.model).read)
         elif not resume:
-            torch.manual_seed(tc.seed)
-            full = training_model(config, load_base=False).state_dict() if info.is_main else None
-            load_from_main(list(base), list(base.values()), full, info)
-            del full
+            fill_sharded(base, lambda name, rows: model.initial_value(name)[rows or slice(None)])
         if tc.lora.rank and not resume:
             adapters = {name: p for name, p in parameters.items() if ADAPTER in name}
             fill_sharded(adapters, lambda name, rows: fresh_adapter(name, adapters[name].shape, tc.seed)[rows or slice(None)])
