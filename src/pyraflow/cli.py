@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare", help="pre-compute latents and text embeddings into a resumable cache")
     _common(prepare)
     prepare.add_argument("--out", metavar="DIR", help="cache directory (default: data.cache)")
+    prepare.add_argument("--layout", choices=("pyraflow", "pyramid-flow"), default="pyraflow",
+                         help="pyraflow: a cache of safetensors shards; pyramid-flow: the reference's annotation.jsonl "
+                              "with a latent and a text-feature file per clip, made with the released VAE and text "
+                              "encoders (latent.kind=pyramid-flow-vae, text.encoder=pyramid-flow)")
+    prepare.add_argument("--device", help="where the VAE and text encoders run (default: cuda when present)")
 
     sample = commands.add_parser("sample", help="pyramidal sampling from a trained run (EMA weights)")
     sample.add_argument("--checkpoint", required=True, metavar="RUN",
@@ -238,7 +243,19 @@ def _prepare(args) -> int:
     out = args.out or config.data.cache
     if not out:
         raise ValueError("give --out DIR (or set data.cache) for the cache directory.")
-    result = prepare(config.data, out, load_text_encoder(config.text), build_latent_space(config.latent))
+    from pyraflow.sample.pipeline import default_device
+
+    device = _device(args.device) or default_device()
+    if args.layout == "pyramid-flow":
+        from pyraflow.data.extract import extract
+
+        result = extract(config, out, device)
+        print(f"{result['annotations']}: {result['rows']} rows; wrote {result['written']}, reused {result['reused']}, "
+              f"skipped {result['skipped']} unreadable file(s)")
+        for entry in result["skipped_files"][:10]:
+            print(f"  skipped {entry['path']}: {entry['reason']}")
+        return 0
+    result = prepare(config.data, out, load_text_encoder(config.text, device), build_latent_space(config.latent, device))
     print(f"cache {out}: {result['samples']} samples in {result['shards']} shard(s); wrote {result['written']}, "
           f"reused {result['reused']}, skipped {result['skipped']} unreadable file(s)")
     for entry in result.get("skipped_files", [])[:10]:

@@ -111,11 +111,21 @@ class ReleasedVAESpace(PreparedLatents):
         self.identity = f"pyramid-flow-vae:{Path(config.path).resolve()}:{self.factors()}"
 
     @torch.no_grad()
+    def encode_raw(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, 3, 1 + 8k, H, W) in [-1, 1] -> the posterior means as the VAE gives them (what the reference's
+        extraction stores), on the CPU."""
+        mean, _ = self.vae.encode(pixels.to(self.device), tile=self.TILE)
+        return mean.cpu()
+
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         from pyraflow.interop.vae import normalise_with
 
-        mean, _ = self.vae.encode(pixels.to(self.device), tile=self.TILE)
-        return normalise_with(mean, *self.factors()).cpu()
+        return normalise_with(self.encode_raw(pixels), *self.factors())
+
+    @staticmethod
+    def pixel_frames(latent_frames: int) -> int:
+        """Video frames that encode to ``latent_frames``: the first frame alone, then 8 per latent frame."""
+        return 1 + 8 * (latent_frames - 1)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ def case(arch: str):
 
 
 @pytest.mark.parametrize("arch", list(CASES))
-def test_the_released_encoders_give_the_references_tokens_and_outputs(arch):
+def test_the_released_encoders_give_the_references_tokens_and_outputs(arch, parity):
     prompts, recorded, folder = case(arch)
     encoder = load_text_encoder(folder)  # the arch is read from the folder
     assert encoder.arch == arch
@@ -36,8 +36,7 @@ def test_the_released_encoders_give_the_references_tokens_and_outputs(arch):
     embeds, mask, pooled = encoder.encode(prompts)
     assert torch.equal(mask.long(), recorded["output.prompt_attention_mask"])
     for ours, key in ((embeds, "prompt_embeds"), (pooled, "pooled_prompt_embeds")):
-        reference = recorded[f"output.{key}"]
-        assert ours.shape == reference.shape and (ours - reference).abs().max() < 1e-4, key
+        parity(f"text encoders {arch}: {key}", ours, recorded[f"output.{key}"])
     # padded T5 positions are returned as computed, not zeroed (the DiT masks them)
     assert embeds[mask == 0].abs().max() > 0
 
@@ -51,7 +50,7 @@ def test_a_folder_without_its_encoders_is_named(tmp_path):
         load_text_encoder(tmp_path, "unet")
 
 
-def test_a_run_encodes_captions_with_the_released_encoders():
+def test_a_run_encodes_captions_with_the_released_encoders(parity):
     """text.encoder=pyramid-flow: each caption's valid T5 states (cut at text.max_tokens) and the pooled CLIP vector."""
     prompts, recorded, folder = case("mmdit-sd3")
     config = load_config(None, ["text.encoder=pyramid-flow", f"text.path={folder}", "text.max_tokens=20"])
@@ -61,8 +60,9 @@ def test_a_run_encodes_captions_with_the_released_encoders():
     lengths = recorded["output.prompt_attention_mask"].sum(1).clamp(max=20)
     assert torch.equal(embedding.lengths, lengths)
     for i, length in enumerate(lengths.tolist()):
-        assert (embedding.tokens[i, :length] - recorded["output.prompt_embeds"][i, :length]).abs().max() < 1e-4
+        parity("text encoders mmdit-sd3, a run's tokens", embedding.tokens[i, :length],
+               recorded["output.prompt_embeds"][i, :length])
         assert not embedding.tokens[i, length:].any()
-    assert (embedding.pooled - recorded["output.pooled_prompt_embeds"]).abs().max() < 1e-4
+    parity("text encoders mmdit-sd3, a run's pooled", embedding.pooled, recorded["output.pooled_prompt_embeds"])
     with pytest.raises(ValueError, match="text.path"):
         load_config(None, ["text.encoder=pyramid-flow"])

@@ -11,7 +11,7 @@ from einops import rearrange
 from safetensors.torch import load_file
 
 from pyraflow.interop import load_vae
-from pyraflow.interop.vae import CausalVideoVAE, denormalise, normalise, to_uint8
+from pyraflow.interop.vae import CausalVideoVAE, check_frame_count, denormalise, normalise, to_uint8
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "pyramid-flow-pipeline"
 TOLERANCE = 1e-4
@@ -30,32 +30,36 @@ def close(ours: torch.Tensor, reference: torch.Tensor) -> bool:
     return ours.shape == reference.shape and (ours - reference).abs().max().item() < TOLERANCE
 
 
-def test_an_image_encodes_to_the_references_posterior(vae):
+def test_an_image_encodes_to_the_references_posterior(vae, parity):
     case = recorded("image-encode")
     moments = vae.moments(case["input.x"])
     mean, logvar = vae.encode(case["input.x"])
-    assert close(moments, case["output.moments"])
-    assert close(mean, case["output.mean"]) and close(logvar, case["output.logvar"])
+    parity("vae encode image: moments", moments, case["output.moments"], TOLERANCE)
+    parity("vae encode image: mean", mean, case["output.mean"], TOLERANCE)
+    parity("vae encode image: logvar", logvar, case["output.logvar"], TOLERANCE)
 
 
 @pytest.mark.parametrize("window, key", [(None, "plain"), (16, "chunk16"), (8, "chunk8")])
-def test_a_clip_encodes_whole_or_in_chunks_as_the_reference_does(vae, window, key):
+def test_a_clip_encodes_whole_or_in_chunks_as_the_reference_does(vae, window, key, parity):
     case = recorded("video-encode")
     mean, logvar = vae.encode(case["input.x"], window=window)
-    assert close(mean, case[f"output.{key}.mean"]) and close(logvar, case[f"output.{key}.logvar"])
+    parity(f"vae encode clip {key}: mean", mean, case[f"output.{key}.mean"], TOLERANCE)
+    parity(f"vae encode clip {key}: logvar", logvar, case[f"output.{key}.logvar"], TOLERANCE)
 
 
 @pytest.mark.parametrize("window, key", [(None, "plain"), (2, "chunk2"), (1, "chunk1")])
-def test_latents_decode_whole_or_in_chunks_as_the_reference_does(vae, window, key):
+def test_latents_decode_whole_or_in_chunks_as_the_reference_does(vae, window, key, parity):
     case = recorded("decode")
-    assert close(vae.decode(case["input.z"], window=window), case[f"output.{key}"])
+    parity(f"vae decode {key}", vae.decode(case["input.z"], window=window), case[f"output.{key}"], TOLERANCE)
 
 
-def test_tiles_blend_as_the_reference_blends_them(vae):
+def test_tiles_blend_as_the_reference_blends_them(vae, parity):
     case = recorded("tiled")
     mean, logvar = vae.encode(case["input.x"], tile=32)
-    assert close(mean, case["output.encode.mean"]) and close(logvar, case["output.encode.logvar"])
-    assert close(vae.decode(case["input.z"], window=1, tile=32), case["output.decode_chunked"])
+    parity("vae encode tiled: mean", mean, case["output.encode.mean"], TOLERANCE)
+    parity("vae encode tiled: logvar", logvar, case["output.encode.logvar"], TOLERANCE)
+    parity("vae decode tiled + chunked", vae.decode(case["input.z"], window=1, tile=32), case["output.decode_chunked"],
+           TOLERANCE)
     # tiles change the result (the overlap is blended, not recomputed): the test above is not the untiled path
     assert not close(vae.decode(case["input.z"], window=1), case["output.decode_chunked"])
 
@@ -68,7 +72,7 @@ def test_chunks_are_the_first_window_plus_one_then_windows():
 
 @pytest.mark.parametrize("arch, name, folder", [("flux", "flux", "pyramid-flow-miniflux-tiny"),
                                                 ("mmdit-sd3", "sd3", "pyramid-flow-sd3-tiny")])
-def test_the_pipelines_normalisation_and_frames(arch, name, folder):
+def test_the_pipelines_normalisation_and_frames(arch, name, folder, parity):
     """A released folder's VAE (its causal_video_vae/), the model's latent normalisation and its inverse bit for bit,
     and decoded frames to uint8 as the reference converts them (chunked one latent frame at a time)."""
     case = recorded(f"normalise-{name}", "pipeline")
@@ -76,15 +80,19 @@ def test_the_pipelines_normalisation_and_frames(arch, name, folder):
     for kind in ("video", "image"):
         assert torch.equal(normalise(case[f"{kind}.latent"], arch), case[f"{kind}.normalised"]), kind
         assert torch.equal(denormalise(case[f"{kind}.normalised"], arch), case[f"{kind}.vae_input"]), kind
-        assert close(vae.encode(case[f"input.{kind}"])[0], case[f"{kind}.posterior_mean"])
+        parity(f"released {name} vae: {kind} posterior mean", vae.encode(case[f"input.{kind}"])[0],
+               case[f"{kind}.posterior_mean"], TOLERANCE)
         decoded = vae.decode(case[f"{kind}.vae_input"], window=1)
-        assert close(decoded, case[f"{kind}.decoded"])
+        parity(f"released {name} vae: {kind} decoded", decoded, case[f"{kind}.decoded"], TOLERANCE)
         assert torch.equal(rearrange(to_uint8(decoded), "b c t h w -> (b t) h w c"), case[f"{kind}.frames"])
 
 
 def test_bad_inputs_are_named(vae, tmp_path):
-    with pytest.raises(ValueError, match="1 \\+ 8k frames"):
+    with pytest.raises(ValueError, match="1 \\+ 8k frames; this clip has 4: cut it to 1 or 9 frames"):
         vae.encode(torch.zeros(1, 3, 4, 16, 16))
+    with pytest.raises(ValueError, match="has 120: cut it to 113 or 121 frames"):  # 5 s at 24 fps, one frame short
+        check_frame_count(120)
+    check_frame_count(121)
     with pytest.raises(ValueError, match="multiple of 8"):
         vae.encode(torch.zeros(1, 3, 9, 16, 16), window=4)
     with pytest.raises(ValueError, match="multiple of 32"):

@@ -2,8 +2,9 @@
 
 Video rows ``{"video", "text", "latent", "text_fea"}`` point at latents the reference's tools extracted (``.pt``,
 [1, C, T, H/8, W/8], raw VAE output) and text features (``.pt`` dict: prompt_embed, prompt_attention_mask,
-pooled_prompt_embed); image rows ``{"image", "text"}`` train where they carry ``latent`` and ``text_fea`` too
-(pyraflow has no Pyramid Flow VAE or text encoders to extract them). Relative paths start at data.root (default: the
+pooled_prompt_embed); image rows ``{"image", "text"}`` train where they carry ``latent`` and ``text_fea`` too. ``pyraflow.data.extract`` writes this layout
+from raw clips or images with the released VAE and text encoders (``pyraflow prepare --layout pyramid-flow``), as
+the reference's tools/extract_* scripts do. Relative paths start at data.root (default: the
 jsonl's folder). Every row is checked once when the run starts (shapes read from the file headers, memory-mapped);
 rows with a missing or unreadable file or a wrong shape are skipped, counted and logged. Latents are read row by
 row when a batch needs them, normalised with latent.shift / scale (and video_shift / video_scale for a clip's
@@ -153,3 +154,4 @@ def load_annotations(config: Config) -> PyramidFlowAnnotations:
         _READ.clear()
         _READ[key] = PyramidFlowAnnotations(config)
     return _READ[key]
+

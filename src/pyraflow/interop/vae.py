@@ -249,8 +249,7 @@ class CausalVideoVAE(nn.Module):
                tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, logvar) of the posterior of ``video`` (B, 3, 1 + 8k, H, W) in [-1, 1]; ``window`` (a multiple of 8
         frames) encodes in temporal chunks, ``tile`` (pixels, a multiple of 32) in overlapping spatial tiles."""
-        if (video.shape[2] - 1) % 8:
-            raise ValueError(f"the VAE encodes 1 + 8k frames; this clip has {video.shape[2]} (cut it to 1 + 8k).")
+        check_frame_count(video.shape[2])
         if window is not None and window % 8:
             raise ValueError(f"encode window={window} must be a multiple of 8 frames.")
         _check_tile(tile)
@@ -266,6 +265,14 @@ class CausalVideoVAE(nn.Module):
         if tile is not None and max(latent.shape[-2:]) > tile // 8:
             return tiled(lambda z: self._frames(z, window), latent, tile // 8, 8, downscale=False)
         return self._frames(latent, window)
+
+
+def check_frame_count(frames: int) -> None:
+    """The causal VAE encodes 1 + 8k frames: refuse another count, naming the nearest valid ones."""
+    if frames < 1 or (frames - 1) % 8:
+        below = 1 + 8 * max((frames - 1) // 8, 0)
+        nearest = f"{below} or {below + 8}" if frames > 1 else "1 or 9"
+        raise ValueError(f"the VAE encodes 1 + 8k frames; this clip has {frames}: cut it to {nearest} frames.")
 
 
 def _check_tile(tile: int | None) -> None:
