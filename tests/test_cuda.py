@@ -135,3 +135,19 @@ def test_compiled_blocks_equal_eager_on_the_gpu(compiling):
     gb = torch.autograd.grad(b.square().sum(), list(compiled.parameters()))
     for x, y in zip(gb, ga):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4)
+
+
+def test_offloaded_bf16_sampling_of_a_released_folder_leaves_nothing_on_the_gpu_between_parts():
+    pytest.importorskip("transformers")
+    from pathlib import Path
+
+    from pyraflow.sample.released import load_released
+
+    folder = Path(__file__).parent / "fixtures" / "pyramid-flow-pipeline" / "released" / "pyramid-flow-sd3-tiny"
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    pipe = load_released(folder, device=DEVICE, precision="bf16", offload=True, steps=[1, 1, 1])
+    assert torch.cuda.memory_allocated() <= base + 2**20  # every part waits on the CPU
+    pixels, _ = pipe.generate(["a cat"], seed=0, size=(64, 64))
+    assert torch.isfinite(pixels).all() and pixels.device.type == "cpu"
+    assert torch.cuda.memory_allocated() <= base + 2**20

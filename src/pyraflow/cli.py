@@ -18,6 +18,36 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _memory_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--variant", choices=("diffusion_transformer_image", "diffusion_transformer_384p",
+                                              "diffusion_transformer_768p"),
+                        help="released folders: which transformer (default: the image one for pictures, the first "
+                             "video one for videos)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: the transformer (and a released folder's text encoders and VAE) in bf16, half the "
+                             "memory of fp32")
+    parser.add_argument("--offload", action="store_true",
+                        help="keep the text encoders, transformer and VAE on the CPU, each moved to the device only "
+                             "while it runs (one at a time on the GPU)")
+    parser.add_argument("--decode-window", type=_positive_int, metavar="N",
+                        help="released folders: latent frames the causal VAE decodes at a time (default 2; 1 saves memory)")
+    parser.add_argument("--decode-tile", type=_positive_int, metavar="PX",
+                        help="released folders: spatial tile of the VAE decode in pixels, a multiple of 32 (default 512; "
+                             "256 saves memory)")
+
+
+def _memory_kwargs(args) -> dict:
+    """The released-folder and memory options of sample / serve, as load_pipeline's keywords."""
+    kwargs = {"precision": args.precision, "offload": args.offload}
+    if args.variant is not None:
+        kwargs["variant"] = args.variant
+    if args.decode_window is not None:
+        kwargs["decode_window"] = args.decode_window
+    if args.decode_tile is not None:
+        kwargs["decode_tile"] = args.decode_tile
+    return kwargs
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -62,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--steps", type=_positive_int, default=1000, help="steps to simulate (default 1000)")
     plan.add_argument("--world-size", type=_positive_int, default=1, help="ranks to plan for (default 1)")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plan.add_argument("--vae-decode", nargs="?", const="released", metavar="FOLDER",
+                      help="instead: the causal video VAE's decode memory for 384p and 768p clips of 5 and 10 s, whole, "
+                           "chunked, tiled and as the reference decodes (FOLDER: a released folder; default: the "
+                           "released VAE's sizes)")
 
     train = commands.add_parser("train", help="train (with no arguments: the bundled MNIST demo, ~10 minutes on 2 CPU cores)")
     _common(train)
@@ -99,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="allow --frames beyond the training clip length (history limited to the trained units)")
     sample.add_argument("--no-cache", action="store_true", help="recompute text and history at every step (slower)")
     sample.add_argument("--device", metavar="DEVICE", help="where to sample: cpu, cuda, cuda:1 ... (default: cuda when present)")
+    _memory_options(sample)
     sample.add_argument("--height", type=_positive_int, help="picture height in pixels (default: the run's size; any the "
                         "pyramid can halve, also sizes not trained)")
     sample.add_argument("--width", type=_positive_int, help="picture width in pixels (default: the run's size)")
@@ -141,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     serve.add_argument("--port", type=_positive_int, default=7860, help="port (default 7860)")
     serve.add_argument("--device", metavar="DEVICE", help="where to sample (default: cuda when present)")
+    _memory_options(serve)
 
     bench = commands.add_parser("bench", help="time training steps of the attention backends (JSON keys in BENCHMARKS.md)")
     _common(bench)  # --config / --set: the config the quality study (--full) trains
@@ -278,7 +314,7 @@ def _sample(args) -> int:
     if not wants_video and out.suffix.lower() not in VIDEO_SUFFIXES + (".png", ".jpg", ".jpeg"):
         raise ValueError(f"--out {out} must end in .png (an image grid), .gif or .mp4 (videos).")
     pipeline = load_pipeline(args.checkpoint, _device(args.device), video=out.suffix.lower() in VIDEO_SUFFIXES,
-                             transformer=args.transformer)
+                             transformer=args.transformer, **_memory_kwargs(args))
     steps = [args.steps] * pipeline.schedule.num_stages if args.steps else None
     size = None
     if args.height or args.width:
@@ -312,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "config":
             print(to_yaml(load_config(args.config, args.overrides)), end="")
+        elif args.command == "plan" and args.vae_decode:
+            from pyraflow.memory import format_vae_table, vae_decode_table
+
+            table = vae_decode_table(None if args.vae_decode == "released" else args.vae_decode, progress=not args.json)
+            print(json.dumps(table, indent=2) if args.json else format_vae_table(table))
         elif args.command == "plan":
             from pyraflow.plan import format_report, plan_report
 
@@ -333,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             from pyraflow.serve import serve
 
             print(f"pyraflow serve: loading {args.checkpoint} ...", flush=True)
-            serve(args.checkpoint, args.host, args.port, _device(args.device), transformer=args.transformer)
+            serve(args.checkpoint, args.host, args.port, _device(args.device), transformer=args.transformer,
+                  **_memory_kwargs(args))
         elif args.command == "eval":
             from pyraflow.evaluation import evaluate
 

@@ -99,23 +99,29 @@ class ReleasedVAESpace(PreparedLatents):
     pipeline does."""
 
     can_decode = True
-    DECODE_WINDOW = 2
-    TILE = 512  # pixels: larger frames are decoded in blended tiles (the reference's tile_sample_min_size)
+    DECODE_WINDOW = 2  # the reference's decode_latent without save_memory (1 with it)
+    TILE = 512  # pixels: larger frames are decoded in blended tiles (its tile_sample_min_size; 256 with save_memory)
 
-    def __init__(self, config: LatentConfig, device: torch.device | str = "cpu"):
+    def __init__(self, config: LatentConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         from pyraflow.interop.vae import load_vae
 
         super().__init__(config)
-        self.vae = load_vae(config.path, device)
-        self.device = torch.device(device)
+        self.vae = load_vae(config.path, device, dtype)
+        self.device, self.dtype = torch.device(device), dtype
+        self.decode_window, self.tile = self.DECODE_WINDOW, self.TILE
         self.identity = f"pyramid-flow-vae:{Path(config.path).resolve()}:{self.factors()}"
+
+    def to(self, device: torch.device | str) -> "ReleasedVAESpace":
+        self.device = torch.device(device)
+        self.vae.to(self.device)
+        return self
 
     @torch.no_grad()
     def encode_raw(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels (B, 3, 1 + 8k, H, W) in [-1, 1] -> the posterior means as the VAE gives them (what the reference's
-        extraction stores), on the CPU."""
-        mean, _ = self.vae.encode(pixels.to(self.device), tile=self.TILE)
-        return mean.cpu()
+        extraction stores), fp32 on the CPU."""
+        mean, _ = self.vae.encode(pixels.to(self.device, self.dtype), tile=self.tile)
+        return mean.float().cpu()
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         from pyraflow.interop.vae import normalise_with
@@ -129,15 +135,18 @@ class ReleasedVAESpace(PreparedLatents):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> frames, ``decode_window`` latent frames at a time, in tiles of ``tile`` pixels (None: whole)."""
         from pyraflow.interop.vae import denormalise_with
 
-        raw = denormalise_with(latents.to(self.device), *self.factors())
-        return self.vae.decode(raw, window=self.DECODE_WINDOW, tile=self.TILE).cpu()
+        raw = denormalise_with(latents.to(self.device).float(), *self.factors())
+        return self.vae.decode(raw.to(self.dtype), window=self.decode_window, tile=self.tile).float().cpu()
 
 
-def build_latent_space(config: LatentConfig, device: torch.device | str = "cpu") -> PixelSpace | VAESpace | PreparedLatents:
+def build_latent_space(config: LatentConfig, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> PixelSpace | VAESpace | PreparedLatents:
+    """The latent space of ``config``; ``dtype``: the released causal VAE's weights (bf16 halves them)."""
     if config.kind == "pixel":
         return PixelSpace(config)
     if config.kind == "pyramid-flow-vae":
-        return ReleasedVAESpace(config, device)
+        return ReleasedVAESpace(config, device, dtype)
     return VAESpace(config, device) if config.path is not None else PreparedLatents(config)

@@ -176,9 +176,10 @@ def to_yaml_text(config) -> str:
 
 
 def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 7860, device=None, block: bool = True,
-          transformer: str | Path | None = None):
+          transformer: str | Path | None = None, **memory):
     """Load the run (or a released Pyramid Flow folder, with ``transformer`` in place of its own where given) once
-    and serve its page (blocks until interrupted unless ``block`` is False)."""
+    and serve its page (blocks until interrupted unless ``block`` is False); ``memory``: load_pipeline's precision,
+    offload and decode options."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # never reach for the network
     from pyraflow.checkpoint import SAMPLING, resolve_checkpoint
     from pyraflow.sample import load_pipeline
@@ -186,11 +187,11 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 7860, dev
 
     if is_released_root(checkpoint):
         path = run_dir = Path(checkpoint)
-        pipeline = load_pipeline(path, device, transformer=transformer)
+        pipeline = load_pipeline(path, device, transformer=transformer, **memory)
     else:
         path = resolve_checkpoint(checkpoint, SAMPLING)
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
-        pipeline = load_pipeline(path, device, transformer=transformer)
+        pipeline = load_pipeline(path, device, transformer=transformer, **memory)
     out_dir = Path(tempfile.mkdtemp(prefix="pyraflow-serve-"))
     page = build_page(Generator(pipeline, out_dir), run_dir, f"{run_dir.name} ({path.name})")
     page.queue(default_concurrency_limit=1, max_size=64)

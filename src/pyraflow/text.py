@@ -160,11 +160,11 @@ class ReleasedText:
     """text.encoder=pyramid-flow: the released folder's CLIP and T5 encoders (pyraflow.interop.text); a caption's
     token states are its valid T5 states (at most text.max_tokens), its pooled vector the CLIP one(s)."""
 
-    def __init__(self, config: TextConfig, device: torch.device | str = "cpu"):
+    def __init__(self, config: TextConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         from pyraflow.interop.text import load_text_encoder as load_released
 
         self.config = config
-        self.encoder = load_released(config.path, device=device)
+        self.encoder = load_released(config.path, device=device, dtype=dtype)
         clips = [model.config for _, model in self.encoder.clips]
         self.width = self.encoder.t5[1].config.d_model
         self.pooled_width = clips[0].hidden_size if self.encoder.arch == "flux" else sum(c.projection_dim for c in clips)
@@ -185,22 +185,29 @@ class ReleasedText:
     def null(self) -> TextEmbedding:
         return self.encode([""])
 
+    def to(self, device: torch.device | str) -> "ReleasedText":
+        self.encoder.to(device)
+        return self
+
 
 _LOADED: dict[tuple, TextEncoder | ReleasedText] = {}
 
 
 def load_text_encoder(config: TextConfig, device: torch.device | str = "cpu",
-                      widths: tuple[int, int] | None = None) -> TextEncoder | ReleasedText | PreparedText:
+                      widths: tuple[int, int] | None = None,
+                      dtype: torch.dtype = torch.float32) -> TextEncoder | ReleasedText | PreparedText:
     """A TextEncoder, loaded once per process for each (encoder, max_tokens, device): it is frozen, so
     training, sampling and evaluation in one process can share it. text.encoder=prepared: a PreparedText of
-    ``widths`` (model.text_dim, model.pooled_dim)."""
+    ``widths`` (model.text_dim, model.pooled_dim). ``dtype``: the released encoders' weights (bf16 halves them)."""
     if config.encoder == "prepared":
         if widths is None:
             raise ValueError("text.encoder=prepared needs the model's text widths (model.text_dim, model.pooled_dim).")
         return PreparedText(config, *widths)
+    if config.encoder == "pyramid-flow":  # not shared: a sampling pipeline may move it between devices
+        return ReleasedText(config, device, dtype)
     key = (config.encoder, config.path, config.max_tokens, str(device))
     if key not in _LOADED:
-        _LOADED[key] = ReleasedText(config, device) if config.encoder == "pyramid-flow" else TextEncoder(config, device)
+        _LOADED[key] = TextEncoder(config, device)
     return _LOADED[key]
 
 

@@ -66,3 +66,15 @@ def test_a_run_encodes_captions_with_the_released_encoders(parity):
     parity("text encoders mmdit-sd3, a run's pooled", embedding.pooled, recorded["output.pooled_prompt_embeds"])
     with pytest.raises(ValueError, match="text.path"):
         load_config(None, ["text.encoder=pyramid-flow"])
+
+
+def test_a_prompt_longer_than_an_encoder_takes_is_cut_with_a_warning(caplog):
+    _, _, folder = case("flux")
+    encoder = load_text_encoder(folder)
+    long = " ".join(["snow"] * 200)
+    embeds, mask, _ = encoder.encode([long, "a cat"])
+    assert embeds.shape[1] == 128 and mask[0].all()  # cut to T5's 128 tokens, every one of them valid
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("CLIP tokens long; the encoder keeps the first 77" in w for w in warnings)
+    assert any("T5 tokens long; the encoder keeps the first 128" in w for w in warnings)
+    assert not any("'a cat'" in w for w in warnings)

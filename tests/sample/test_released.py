@@ -118,7 +118,9 @@ def test_pyraflow_sample_makes_a_video_and_an_image_to_video_from_a_released_fol
     assert Image.open(out).n_frames == 9
     first = tmp_path / "first.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(first)
-    assert main(common + ["--image", str(first), "--out", str(tmp_path / "i2v.gif")]) == 0
+    memory = ["--variant", "diffusion_transformer_384p", "--precision", "bf16", "--offload", "--decode-window", "1",
+              "--decode-tile", "256"]
+    assert main(common + memory + ["--image", str(first), "--out", str(tmp_path / "i2v.gif")]) == 0
     red = Image.open(tmp_path / "i2v.gif").convert("RGB").getpixel((128, 128))  # inside the 4x enlarged frame
     assert red[0] > 150 and red[1] < 80  # frame 0 is the given picture
 
@@ -145,3 +147,42 @@ def test_a_folder_that_is_not_released_is_refused_with_the_fix(tmp_path):
         released_config(tmp_path)
     with pytest.raises(ValueError, match="has no diffusion_transformer_image/ transformer; it has diffusion_transformer_384p"):
         released_config(RELEASED["sd3"], "diffusion_transformer_image")
+
+
+def test_offload_moves_each_part_to_the_device_only_for_its_turn(monkeypatch):
+    """Text encoders, then the transformer (every DiT call inside its turn), then the VAE: each moved on and back
+    off, never two at once; the pixels are those of the pipeline that keeps everything in place."""
+    kwargs = dict(device="cpu", steps=[1, 1, 1])
+    kept, _ = load_released(RELEASED["flux"], **kwargs).generate(["a cat"], seed=3, size=(64, 64))
+    pipe = load_released(RELEASED["flux"], offload=True, **kwargs)
+    events = []
+    for name, part in (("text", pipe.text_encoder), ("model", pipe.model), ("vae", pipe.latent_space)):
+        move = part.to
+        monkeypatch.setattr(part, "to", lambda device, name=name, move=move: events.append(name) or move(device))
+    forward = type(pipe.model).forward
+    monkeypatch.setattr(pipe.model, "forward", lambda *a, **k: events.append("dit") or forward(pipe.model, *a, **k))
+    offloaded, _ = pipe.generate(["a cat"], seed=3, size=(64, 64))
+    calls = events.count("dit")
+    assert calls >= 3 and events == ["text", "text", "model"] + ["dit"] * calls + ["model", "vae", "vae"]
+    assert torch.equal(offloaded, kept)
+
+
+def test_bf16_holds_every_part_in_bf16_and_stays_near_fp32():
+    kwargs = dict(device="cpu", steps=[2, 2, 2])
+    full, _ = load_released(RELEASED["sd3"], **kwargs).generate(["a cat"], seed=3, size=(64, 64))
+    pipe = load_released(RELEASED["sd3"], precision="bf16", **kwargs)
+    parts = [pipe.model, pipe.latent_space.vae] + [model for _, model in (*pipe.text_encoder.encoder.clips,
+                                                                          pipe.text_encoder.encoder.t5)]
+    assert all(p.dtype == torch.bfloat16 for part in parts for p in part.parameters())
+    half, _ = pipe.generate(["a cat"], seed=3, size=(64, 64))
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert 0 < (half - full).abs().mean() < 0.05  # bf16 rounding, not another picture
+
+
+def test_decode_options_are_for_released_folders_only(tmp_path):
+    from pyraflow.sample import load_pipeline
+
+    with pytest.raises(ValueError, match="not a released folder"):
+        load_pipeline(tmp_path, "cpu", decode_window=1)
+    with pytest.raises(ValueError, match="precision 'fp16': use fp32 or bf16"):
+        load_released(RELEASED["flux"], device="cpu", precision="fp16")

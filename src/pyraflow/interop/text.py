@@ -15,10 +15,13 @@ its states at padded positions are returned as they are (not zero): the DiT mask
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 T5_TOKENS = 128  # fixed in the reference's wrappers (_get_t5_prompt_embeds)
 SUBFOLDERS = {
@@ -68,15 +71,33 @@ class ReleasedTextEncoder:
         # sd3's wrapper pads both CLIPs to CLIP-L's length
         self.clip_tokens = self.clips[0][0].model_max_length
 
+    def to(self, device: torch.device | str) -> "ReleasedTextEncoder":
+        """Move every encoder to ``device`` (pyraflow.sample.Pipeline's offload moves them on and off the GPU)."""
+        self.device = torch.device(device)
+        for _, model in (*self.clips, self.t5):
+            model.to(self.device)
+        return self
+
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """The token ids each encoder gets (and T5's mask), as the reference's tokenizer calls produce them."""
         ids = {}
+        self._warn_truncated(prompts)
         for name, (tokenizer, _) in zip(("clip_l", "clip_g"), self.clips):
             ids[f"{name}.input_ids"] = tokenizer(prompts, padding="max_length", max_length=self.clip_tokens,
                                                  truncation=True, return_tensors="pt").input_ids
         t5 = self.t5[0](prompts, padding="max_length", max_length=T5_TOKENS, truncation=True, return_tensors="pt")
         ids["t5.input_ids"], ids["t5.attention_mask"] = t5.input_ids, t5.attention_mask
         return ids
+
+    def _warn_truncated(self, prompts: list[str]) -> None:
+        """Name each prompt longer than an encoder takes: it is cut as the reference cuts it, but the user should know."""
+        limits = [("CLIP", self.clips[0][0], self.clip_tokens), ("T5", self.t5[0], T5_TOKENS)]
+        for name, tokenizer, limit in limits:
+            for prompt, tokens in zip(prompts, tokenizer(prompts, truncation=False).input_ids):
+                if len(tokens) > limit:
+                    log.warning("prompt %r is %d %s tokens long; the encoder keeps the first %d (as the reference "
+                                "truncates it)", prompt[:60] + ("..." if len(prompt) > 60 else ""), len(tokens), name,
+                                limit)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

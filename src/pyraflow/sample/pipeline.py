@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -23,29 +24,68 @@ def default_device() -> torch.device:
 class Pipeline:
     """Everything sampling needs from a run: config, (EMA) model, schedule, text encoder, latent space, null text.
 
-    Sampling runs on the model's device; pixels come back on the CPU.
+    Sampling runs on ``device`` (default: the model's); pixels come back on the CPU. ``precision="bf16"`` keeps the
+    transformer's weights in bf16 and runs it under autocast (half the memory of fp32 weights). ``offload=True``
+    keeps the text encoders, the transformer and the VAE on the CPU and moves each to the device only while it runs,
+    so the device holds one of them at a time (what the reference's ``cpu_offloading`` does). ``null``: guidance's
+    unconditional text; None encodes sample.negative_prompt (or the empty caption).
     """
 
     def __init__(self, config: Config, model: PackedTransformer, schedule: PyramidSchedule, text_encoder, latent_space,
-                 null: TextEmbedding):
+                 null: TextEmbedding | None, precision: str = "fp32", offload: bool = False,
+                 device: torch.device | str | None = None):
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"sampling precision {precision!r}: use fp32 or bf16.")
         self.config, self.model, self.schedule = config, model.eval(), schedule
         self.text_encoder, self.latent_space = text_encoder, latent_space
-        self.null = null  # guidance's unconditional caption: the run's empty one, or sample.negative_prompt
+        self.device = torch.device(device) if device is not None else model_device(model)
+        self.precision, self.offload = precision, offload
+        if precision == "bf16":
+            model.to(torch.bfloat16)
+        # guidance's unconditional caption: the run's empty one, or sample.negative_prompt
+        self.null = self.encode_text([config.sample.negative_prompt or ""]) if null is None else null
         if resolve_compile(config.sample.compile, self.device, "sample.compile"):
             compile_blocks(model)
 
-    @property
-    def device(self) -> torch.device:
-        return model_device(self.model)
+    @contextlib.contextmanager
+    def _on_device(self, component):
+        """``component`` (a module, or a text encoder or latent space with ``to``) on the sampling device while the
+        block runs; with offload it is moved there first and back to the CPU after."""
+        move = self.offload and hasattr(component, "to")
+        if move:
+            component.to(self.device)
+        try:
+            yield
+        finally:
+            if move:
+                component.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def _running_model(self):
+        """The transformer on the device, under bf16 autocast where precision is bf16."""
+        with self._on_device(self.model), torch.autocast(self.device.type, torch.bfloat16,
+                                                         enabled=self.precision == "bf16"):
+            yield
 
     def _generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
 
+    def encode_text(self, captions: list[str]) -> TextEmbedding:
+        with self._on_device(self.text_encoder):
+            return self.text_encoder.encode(captions)
+
     def _encode(self, prompts: list[str]) -> TextEmbedding:
-        return self.text_encoder.encode([p + self.config.sample.prompt_suffix for p in prompts])
+        return self.encode_text([p + self.config.sample.prompt_suffix for p in prompts])
+
+    def _encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        with self._on_device(self.latent_space):
+            return self.latent_space.encode(pixels)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.latent_space.decode(latents).clamp(-1, 1).cpu()
+        with self._on_device(self.latent_space):
+            return self.latent_space.decode(latents.float()).clamp(-1, 1).cpu()
 
     def latent_shape(self, size: tuple[int, int] | None = None, frames: int | None = None) -> tuple[int, int, int, int]:
         """(C, T, h, w) of the latents of a picture of ``size`` = (height, width) pixels (default: the run's square),
@@ -79,10 +119,11 @@ class Pipeline:
                               on_stage_end=on_stage_end, noise=noise)
         sc = self.config.sample
         text = self._encode(prompts)
-        latents, timings = sample_pyramid(self.model, self.schedule, text, self.null, self.latent_shape(size),
-                                          steps or sc.steps_per_stage(self.schedule.num_stages),
-                                          sc.guidance if guidance is None else guidance, self._generator(seed),
-                                          solver or sc.solver, on_stage_end, noise)
+        with self._running_model():
+            latents, timings = sample_pyramid(self.model, self.schedule, text, self.null, self.latent_shape(size),
+                                              steps or sc.steps_per_stage(self.schedule.num_stages),
+                                              sc.guidance if guidance is None else guidance, self._generator(seed),
+                                              solver or sc.solver, on_stage_end, noise)
         return self._decode(latents), timings
 
     def max_frames(self) -> int:
@@ -137,14 +178,15 @@ class Pipeline:
         text = self._encode(prompts)
         first = None
         if image is not None:
-            first = self.latent_space.encode(image[None, :, None]).expand(len(prompts), -1, -1, -1, -1)
-        latents, timings = sample_video(
-            self.model, self.schedule, text, self.null, (c, total, h, w), vc.unit_frames,
-            steps or sc.steps_per_stage(self.schedule.num_stages), sc.guidance if guidance is None else guidance,
-            self._generator(seed), first_frame=first, use_cache=vc.cache if use_cache is None else use_cache,
-            max_history_units=history, history_noise=vc.sample_history_noise, solver=sc.solver,
-            on_stage_end=on_stage_end, video_guidance=sc.video_guidance if guidance is None else guidance,
-            noise=noise)
+            first = self._encode_latents(image[None, :, None]).expand(len(prompts), -1, -1, -1, -1)
+        with self._running_model():
+            latents, timings = sample_video(
+                self.model, self.schedule, text, self.null, (c, total, h, w), vc.unit_frames,
+                steps or sc.steps_per_stage(self.schedule.num_stages), sc.guidance if guidance is None else guidance,
+                self._generator(seed), first_frame=first, use_cache=vc.cache if use_cache is None else use_cache,
+                max_history_units=history, history_noise=vc.sample_history_noise, solver=sc.solver,
+                on_stage_end=on_stage_end, video_guidance=sc.video_guidance if guidance is None else guidance,
+                noise=noise)
         pixels = self._decode(latents[:, :, :frames])
         if image is not None:
             pixels[:, :, 0] = image  # the given frame exactly, not its round trip through the latent space

@@ -115,23 +115,40 @@ def load_transformer(source: str | Path, expected: ModelConfig):
     return model
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def load_released(root: str | Path, variant: str | None = None, device: torch.device | str | None = None,
-                  frames: int | None = None, video: bool = False, transformer: str | Path | None = None, **sample):
+                  frames: int | None = None, video: bool = False, transformer: str | Path | None = None,
+                  precision: str = "fp32", offload: bool = False, decode_window: int | None = None,
+                  decode_tile: int | None = 512, **sample):
     """A released folder -> a Pipeline on ``device`` (default: CUDA when present) sampling its ``variant``
     (``released_config`` has the rest); ``transformer``: a fine-tune (run, checkpoint or model directory, see
-    ``load_transformer``) sampled in place of the folder's own, with the folder's encoders and VAE."""
+    ``load_transformer``) sampled in place of the folder's own, with the folder's encoders and VAE.
+
+    Memory on one GPU: ``precision="bf16"`` loads the transformer, the text encoders and the VAE in bf16 (as the
+    reference runs them); ``offload`` keeps them on the CPU, each moved to the device only while it runs;
+    ``decode_window`` latent frames decoded at a time (default 2, the reference's; 1 is its save_memory) and
+    ``decode_tile`` pixels per spatial tile (512, the reference's; 256 is its save_memory; None: whole frames)."""
     from pyraflow.archs import load_model
     from pyraflow.latents import build_latent_space
     from pyraflow.sample.pipeline import Pipeline, default_device
     from pyraflow.schedule import PyramidSchedule
     from pyraflow.text import load_text_encoder
 
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: use fp32 or bf16.")
+    if decode_window is not None and decode_window < 1:
+        raise ValueError(f"decode window {decode_window}: give at least 1 latent frame.")
     variant = released_variant(root, variant, video)
     config = released_config(root, variant, frames, **sample)
     device = torch.device(device) if device is not None else default_device()
+    home = torch.device("cpu") if offload else device  # where the parts wait between their turns
     model = load_model(Path(root) / variant) if transformer is None else load_transformer(transformer, config.model)
-    model = model.to(device)
-    text_encoder = load_text_encoder(config.text, device)
-    null = text_encoder.encode([config.sample.negative_prompt or ""])
-    return Pipeline(config, model, PyramidSchedule(config.schedule), text_encoder, build_latent_space(config.latent, device),
-                    null)
+    dtype = PRECISIONS[precision]
+    text_encoder = load_text_encoder(config.text, home, dtype=dtype)
+    latent_space = build_latent_space(config.latent, home, dtype)
+    latent_space.decode_window = decode_window or latent_space.DECODE_WINDOW
+    latent_space.tile = decode_tile
+    return Pipeline(config, model.to(home), PyramidSchedule(config.schedule), text_encoder, latent_space, None,
+                    precision=precision, offload=offload, device=device)
