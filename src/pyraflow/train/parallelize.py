@@ -205,3 +205,85 @@ def barrier(info: DistributedInfo) -> None:
 def shutdown(info: DistributedInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ----- sequence parallelism (Ulysses): the exchange around attention ------------------------------------------------
+
+def check_sequence_heads(heads: int, ranks: int) -> None:
+    """Each rank of a sequence-parallel group attends over 1/ranks of the heads: refuse a split that is not whole,
+    naming the group sizes that divide the heads."""
+    if heads % ranks:
+        valid = [n for n in range(1, heads + 1) if heads % n == 0]
+        nearest = min(valid, key=lambda n: (abs(n - ranks), n))
+        raise ValueError(f"train.sequence_parallel={ranks} does not divide the model's {heads} heads; use "
+                         f"{nearest} (any of {valid}).")
+
+
+def _gather_rows(x: torch.Tensor, sizes: list[int], group) -> list[torch.Tensor]:
+    """Every rank's ``x`` (rank i's with sizes[i] rows), through all_gather (gloo has no all_to_all): each is padded
+    to the longest and trimmed after."""
+    longest = max(sizes)
+    padded = torch.cat([x, x.new_zeros(longest - x.shape[0], *x.shape[1:])]) if x.shape[0] < longest else x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return [part[:size] for part, size in zip(parts, sizes)]
+
+
+def _sequence_to_heads(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """(this rank's tokens, H, D) -> (every token, H / ranks, D): the heads of this rank, every rank's tokens."""
+    ranks, rank = len(sizes), dist.get_rank(group)
+    heads = x.shape[1] // ranks
+    if dist.get_backend(group) == "gloo":
+        return torch.cat(_gather_rows(x, sizes, group))[:, rank * heads : (rank + 1) * heads].contiguous()
+    send = x.view(x.shape[0], ranks, heads, x.shape[2]).transpose(0, 1).reshape(ranks * x.shape[0], heads, x.shape[2])
+    out = x.new_empty(sum(sizes), heads, x.shape[2])
+    dist.all_to_all_single(out, send.contiguous(), output_split_sizes=sizes, input_split_sizes=[x.shape[0]] * ranks,
+                           group=group)
+    return out
+
+
+def _heads_to_sequence(y: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """The inverse: (every token, H / ranks, D) -> (this rank's tokens, H, D)."""
+    ranks, rank = len(sizes), dist.get_rank(group)
+    start = sum(sizes[:rank])
+    if dist.get_backend(group) == "gloo":
+        return torch.cat(_gather_rows(y, [y.shape[0]] * ranks, group), dim=1)[start : start + sizes[rank]].contiguous()
+    local = sizes[rank]
+    out = y.new_empty(ranks * local, y.shape[1], y.shape[2])
+    dist.all_to_all_single(out, y.contiguous(), output_split_sizes=[local] * ranks, input_split_sizes=sizes,
+                           group=group)
+    return out.view(ranks, local, y.shape[1], y.shape[2]).transpose(0, 1).reshape(local, ranks * y.shape[1], y.shape[2])
+
+
+class _ToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, sizes, group):
+        ctx.sizes, ctx.group = sizes, group
+        return _sequence_to_heads(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_sequence(grad, ctx.sizes, ctx.group), None, None
+
+
+class _ToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, sizes, group):
+        ctx.sizes, ctx.group = sizes, group
+        return _heads_to_sequence(y, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _sequence_to_heads(grad, ctx.sizes, ctx.group), None, None
+
+
+def sequence_to_heads(x: torch.Tensor, sizes: list[int], group=None) -> torch.Tensor:
+    """Before attention: this rank's contiguous part of a packed stream (sizes[rank] tokens, H heads) -> every
+    token of the stream for this rank's H / ranks heads (all_to_all on NCCL, all_gather on gloo); differentiable,
+    its backward is the inverse exchange."""
+    return _ToHeads.apply(x, list(sizes), group)
+
+
+def heads_to_sequence(y: torch.Tensor, sizes: list[int], group=None) -> torch.Tensor:
+    """After attention: every token for this rank's heads -> this rank's tokens for every head."""
+    return _ToSequence.apply(y, list(sizes), group)
