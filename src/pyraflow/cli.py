@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="FILE.png: an image grid; FILE.gif or FILE.mp4: videos (plus a contact sheet FILE.png)")
     sample.add_argument("--frames", type=_positive_int, help="video length (default: the run's clip length; for a "
                         "released folder latent frames, each after the first 8 video frames: 16 = 5 s)")
+    sample.add_argument("--video-frames", type=_positive_int, metavar="N",
+                        help="released folders: video length in video frames, 1 + 8k (121 = 5 s at 24 fps), instead of "
+                             "--frames")
     sample.add_argument("--transformer", metavar="RUN",
                         help="with a released folder as --checkpoint: a fine-tune of its transformer (a run, checkpoint "
                         "or model directory) to sample with the folder's encoders and VAE")
@@ -308,6 +311,17 @@ def _sample(args) -> int:
     if not args.prompt:
         raise ValueError("give at least one --prompt TEXT (e.g. --prompt 'a handwritten digit seven').")
     out = Path(args.out)
+    if args.video_frames is not None:
+        from pyraflow.interop.vae import check_frame_count
+        from pyraflow.sample.released import is_released_root
+
+        if args.frames is not None:
+            raise ValueError("give --frames (latent frames) or --video-frames (video frames), not both.")
+        if not is_released_root(args.checkpoint):
+            raise ValueError("--video-frames counts the causal VAE's video frames of a released folder; for a run, "
+                             "give --frames.")
+        check_frame_count(args.video_frames)
+        args.frames = 1 + (args.video_frames - 1) // 8
     wants_video = args.frames is not None or args.image is not None
     if wants_video and out.suffix.lower() not in VIDEO_SUFFIXES:
         raise ValueError(f"--out {out} must end in .gif or .mp4 when --frames or --image is given.")

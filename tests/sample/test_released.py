@@ -116,6 +116,8 @@ def test_pyraflow_sample_makes_a_video_and_an_image_to_video_from_a_released_fol
               "--height", "64", "--width", "64", "--device", "cpu"]
     assert main(common + ["--out", str(out)]) == 0
     assert Image.open(out).n_frames == 9
+    video_frames = [arg for arg in common if arg not in ("--frames", "2")] + ["--out", str(tmp_path / "v.gif")]
+    assert main(video_frames + ["--video-frames", "9"]) == 0 and Image.open(tmp_path / "v.gif").n_frames == 9
     first = tmp_path / "first.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(first)
     memory = ["--variant", "diffusion_transformer_384p", "--precision", "bf16", "--offload", "--decode-window", "1",
@@ -186,3 +188,10 @@ def test_decode_options_are_for_released_folders_only(tmp_path):
         load_pipeline(tmp_path, "cpu", decode_window=1)
     with pytest.raises(ValueError, match="precision 'fp16': use fp32 or bf16"):
         load_released(RELEASED["flux"], device="cpu", precision="fp16")
+
+
+def test_a_video_length_that_is_not_1_plus_8k_is_refused_naming_the_nearest(tmp_path, capsys):
+    args = ["sample", "--checkpoint", str(RELEASED["sd3"]), "--prompt", "a fox", "--video-frames", "120",
+            "--out", str(tmp_path / "fox.mp4")]
+    assert main(args) == 2
+    assert "this clip has 120: cut it to 113 or 121 frames" in capsys.readouterr().err
