@@ -255,35 +255,27 @@ def _heads_to_sequence(y: torch.Tensor, sizes: list[int], group) -> torch.Tensor
     return out.view(ranks, local, y.shape[1], y.shape[2]).transpose(0, 1).reshape(local, ranks * y.shape[1], y.shape[2])
 
 
-class _ToHeads(torch.autograd.Function):
+class _Exchange(torch.autograd.Function):
+    """One direction of the exchange forward, the other backward (the two are each other's transpose)."""
+
     @staticmethod
-    def forward(ctx, x, sizes, group):
-        ctx.sizes, ctx.group = sizes, group
-        return _sequence_to_heads(x, sizes, group)
+    def forward(ctx, x, sizes, group, to_heads: bool):
+        ctx.sizes, ctx.group, ctx.to_heads = sizes, group, to_heads
+        return (_sequence_to_heads if to_heads else _heads_to_sequence)(x, sizes, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_sequence(grad, ctx.sizes, ctx.group), None, None
-
-
-class _ToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, sizes, group):
-        ctx.sizes, ctx.group = sizes, group
-        return _heads_to_sequence(y, sizes, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _sequence_to_heads(grad, ctx.sizes, ctx.group), None, None
+        inverse = _heads_to_sequence if ctx.to_heads else _sequence_to_heads
+        return inverse(grad, ctx.sizes, ctx.group), None, None, None
 
 
 def sequence_to_heads(x: torch.Tensor, sizes: list[int], group=None) -> torch.Tensor:
     """Before attention: this rank's contiguous part of a packed stream (sizes[rank] tokens, H heads) -> every
     token of the stream for this rank's H / ranks heads (all_to_all on NCCL, all_gather on gloo); differentiable,
     its backward is the inverse exchange."""
-    return _ToHeads.apply(x, list(sizes), group)
+    return _Exchange.apply(x, list(sizes), group, True)
 
 
 def heads_to_sequence(y: torch.Tensor, sizes: list[int], group=None) -> torch.Tensor:
     """After attention: every token for this rank's heads -> this rank's tokens for every head."""
-    return _ToSequence.apply(y, list(sizes), group)
+    return _Exchange.apply(y, list(sizes), group, False)
