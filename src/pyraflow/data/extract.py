@@ -37,14 +37,14 @@ def extract(config: Config, out: str | Path, device: torch.device | str = "cpu",
     normalise it) and ``text_feature/<stem>-text.pt`` (the encoders' prompt_embed, prompt_attention_mask and
     pooled_prompt_embed of the caption, as the reference's tools save them). ``data.frames`` counts latent frames: a
     clip is cut to 1 + 8 (frames - 1) video frames; a video row names its decoded frame indices (the reference's
-    ``frames`` key). Resumable: files already written are kept (each is written whole), the jsonl is rewritten at
-    the end. A clip that cannot be decoded is skipped, named and counted."""
+    ``frames`` key). Resumable: files already written are kept (each is written whole), the jsonl is written
+    as it goes and published at the end. A clip that cannot be decoded is skipped, named and counted."""
     from tqdm import tqdm
 
     from pyraflow.data.datasets import VideoClips, check_bad_files, iterate_samples
     from pyraflow.data.sources import build_dataset, resolve_buckets
     from pyraflow.latents import ReleasedVAESpace, build_latent_space
-    from pyraflow.storage import remove_partials, write_text
+    from pyraflow.storage import atomic_path, remove_partials
     from pyraflow.text import ReleasedText, load_text_encoder
 
     if config.latent.kind != "pyramid-flow-vae" or config.text.encoder != "pyramid-flow":
@@ -62,30 +62,34 @@ def extract(config: Config, out: str | Path, device: torch.device | str = "cpu",
     buckets = [replace(b, frames=pixel_frames(b.frames)) for b in resolve_buckets(config)] if data.bucketed else None
     dataset = build_dataset(data, buckets=buckets)
     out = Path(out)
-    for folder in ("latents", "text_feature"):
-        (out / folder).mkdir(parents=True, exist_ok=True)
-        remove_partials(out / folder)
+    for folder in (out / "latents", out / "text_feature", out):  # and what an interrupted run left half-written
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_partials(folder)
     video = isinstance(dataset, VideoClips)
-    rows, written, reused = [], 0, 0
-    for sample in tqdm(iterate_samples(dataset), desc="extract", unit="clip" if video else "image", disable=not progress):
-        stem = row_stem(sample.id)
-        latent, features = f"latents/{stem}-latent.pt", f"text_feature/{stem}-text.pt"
-        if (out / latent).is_file() and (out / features).is_file():
-            reused += 1
-        else:
-            _save(latent_space.encode_raw(sample.pixels[None]), out / latent)
-            embeds, mask, pooled = text.encoder.encode([sample.caption])
-            _save({"prompt_embed": embeds.cpu(), "prompt_attention_mask": mask.cpu(),
-                   "pooled_prompt_embed": pooled.cpu()}, out / features)
-            written += 1
-        source, _, start = sample.source.partition("#")
-        row = {"video" if video else "image": source, "text": sample.caption, "latent": latent, "text_fea": features}
-        if video:
-            span = sample.pixels.shape[1] * data.frame_stride
-            row["frames"] = list(range(int(start), int(start) + span, data.frame_stride))
-        rows.append(row)
-    check_bad_files(dataset, len(rows), data)
     annotations = out / ANNOTATIONS
-    write_text(annotations, "".join(json.dumps(row) + "\n" for row in rows))
-    return {"annotations": str(annotations), "rows": len(rows), "written": written, "reused": reused,
+    rows, written, reused = 0, 0, 0
+    # rows go to the jsonl as they are made (memory does not grow with the dataset); it is published whole at the end
+    with atomic_path(annotations) as tmp, open(tmp, "w", encoding="utf-8") as jsonl:
+        for sample in tqdm(iterate_samples(dataset), desc="extract", unit="clip" if video else "image",
+                           disable=not progress):
+            stem = row_stem(sample.id)
+            latent, features = f"latents/{stem}-latent.pt", f"text_feature/{stem}-text.pt"
+            if (out / latent).is_file() and (out / features).is_file():
+                reused += 1
+            else:
+                _save(latent_space.encode_raw(sample.pixels[None]), out / latent)
+                embeds, mask, pooled = text.encoder.encode([sample.caption])
+                _save({"prompt_embed": embeds.cpu(), "prompt_attention_mask": mask.cpu(),
+                       "pooled_prompt_embed": pooled.cpu()}, out / features)
+                written += 1
+            source, _, start = sample.source.partition("#")
+            row = {"video" if video else "image": source, "text": sample.caption, "latent": latent,
+                   "text_fea": features}
+            if video:
+                span = sample.pixels.shape[1] * data.frame_stride
+                row["frames"] = list(range(int(start), int(start) + span, data.frame_stride))
+            jsonl.write(json.dumps(row) + "\n")
+            rows += 1
+        check_bad_files(dataset, rows, data)
+    return {"annotations": str(annotations), "rows": rows, "written": written, "reused": reused,
             "skipped": len(dataset.bad), "skipped_files": [{"path": p, "reason": r} for p, r in dataset.bad]}
