@@ -320,8 +320,7 @@ def _sample(args) -> int:
         if not is_released_root(args.checkpoint):
             raise ValueError("--video-frames counts the causal VAE's video frames of a released folder; for a run, "
                              "give --frames.")
-        check_frame_count(args.video_frames)
-        args.frames = 1 + (args.video_frames - 1) // 8
+        args.frames = check_frame_count(args.video_frames)
     wants_video = args.frames is not None or args.image is not None
     if wants_video and out.suffix.lower() not in VIDEO_SUFFIXES:
         raise ValueError(f"--out {out} must end in .gif or .mp4 when --frames or --image is given.")

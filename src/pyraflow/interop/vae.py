@@ -267,12 +267,14 @@ class CausalVideoVAE(nn.Module):
         return self._frames(latent, window)
 
 
-def check_frame_count(frames: int) -> None:
-    """The causal VAE encodes 1 + 8k frames: refuse another count, naming the nearest valid ones."""
+def check_frame_count(frames: int) -> int:
+    """The causal VAE encodes 1 + 8k frames to 1 + k latent frames: that count, or, for another frame count, an error
+    naming the nearest valid ones."""
     if frames < 1 or (frames - 1) % 8:
         below = 1 + 8 * max((frames - 1) // 8, 0)
         nearest = f"{below} or {below + 8}" if frames > 1 else "1 or 9"
         raise ValueError(f"the VAE encodes 1 + 8k frames; this clip has {frames}: cut it to {nearest} frames.")
+    return 1 + (frames - 1) // 8
 
 
 def _check_tile(tile: int | None) -> None:
