@@ -5,7 +5,8 @@
 #   1. the CUDA tests (tests/test_cuda.py): flex and flash against the per-segment oracle, forward and backward,
 #      with and without temporal causality; the model packed vs alone on flex; sampling that stays on the device;
 #      bf16 training with FSDP2 under torchrun on one rank; a training step under CUDA's sync debug mode (no host
-#      waits); compiled blocks against eager;
+#      waits); compiled blocks against eager; sampling offloaded in bf16; with two GPUs, every architecture split
+#      over both (sequence parallelism on NCCL's all_to_all) against the whole model (skipped on one GPU, saying so);
 #   2. `pyraflow bench --json --scales 4` on CUDA: ms per step and visual tokens/s per backend (grouped, flex, flash
 #      when installed, the baselines), MFU against a bf16 matmul peak measured in the same run, the step eager and
 #      with compiled blocks (Triton) with the compilation time and recompilations, the layouts at latents x4, into benchmarks/results/bench-<date>-<time>-<host>-cuda.json.
@@ -21,6 +22,7 @@ trap 'if [ -n "${OUT:-}" ]; then cp "$log" "$OUT/gpu_check.log"; fi' EXIT
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   "$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
   "$py" -c "import pyraflow.attention as a; print('flash-attn installed:', a.flash_available())"
+  "$py" -c "import torch; n = torch.cuda.device_count(); print(n, 'GPU(s):', 'the sequence-parallel check runs' if n >= 2 else 'the sequence-parallel check (two GPUs) is skipped')"
   echo "== CUDA tests"
   timeout 300 "$py" -m pytest -q -rs -m cuda -p no:cacheprovider tests/test_cuda.py
   echo "== bench"

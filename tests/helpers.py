@@ -151,3 +151,28 @@ def one_rank_fsdp_bf16_run(tmp_path, steps: int = 20):
     assert json.loads((run / "summary.json").read_text())["precision"] == "bf16"
     assert (run / "checkpoints" / f"step-{steps}" / "optimizer.safetensors").is_file()
     return result
+
+
+def check_split_models(out, extra: list[str] = ()) -> list[dict]:
+    """Run tests/train/torchrun_sequence.py's ``models`` check on two ranks (gloo on the CPU, NCCL where each rank has
+    a GPU) and assert what it measured: every architecture split over the two ranks gives the whole model's output,
+    and gradients summed over the group, within 1e-5 of their size; each rank keeps under 0.6 of the activations."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "train" / "torchrun_sequence.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(out), "models", *extra]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(2)]
+    for report in reports:
+        assert set(report) == {"mmdit", "flux", "mmdit-sd3"}
+        for arch in report.values():
+            assert arch["history"] > 0 and arch["forward"] < 1e-5 and arch["backward"] < 1e-5, report
+            assert arch["saved_ratio"] < 0.6, report
+    return reports

@@ -11,7 +11,7 @@ import torch
 
 from pyraflow.attention import build_attention, flash_available
 from pyraflow.packing import pack, unpack
-from helpers import one_rank_fsdp_bf16_run, per_segment_attention, randomised_model, random_samples
+from helpers import check_split_models, one_rank_fsdp_bf16_run, per_segment_attention, randomised_model, random_samples
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")]
@@ -81,6 +81,13 @@ def test_sampling_stays_on_the_device_and_repeats_with_a_seed():
 
 def test_bf16_training_with_fsdp2_on_one_rank_under_torchrun(tmp_path):
     one_rank_fsdp_bf16_run(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="sequence parallelism needs two CUDA GPUs; this machine "
+                    "has fewer")
+def test_every_architecture_split_over_two_gpus_computes_what_it_computes_whole(tmp_path):
+    """The CPU test's check on NCCL: the real all_to_all exchange, flex attention on each GPU."""
+    check_split_models(tmp_path)
 
 
 def test_a_training_step_never_waits_for_the_gpu(tmp_path):

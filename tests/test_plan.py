@@ -47,6 +47,27 @@ def test_the_fine_tuning_presets_plan_without_their_data(preset):
     assert rows[("full", "ddp", True)]["weights_and_optimizer_gb"] == pytest.approx(8 * full["weights_and_optimizer_gb"])
 
 
+def test_sequence_parallelism_splits_the_tokens_and_activations_per_gpu(capsys):
+    from pyraflow.cli import main
+
+    args = ["plan", "--config", str(ROOT / "configs" / "pyramid-flow-sd3-finetune.yaml"), "--steps", "5", "--json"]
+    reports = {}
+    for n in (1, 4):
+        assert main(args + ["--sequence-parallel", str(n)]) == 0
+        reports[n] = json.loads(capsys.readouterr().out)
+    one, four = reports[1]["memory"], reports[4]["memory"]
+    assert four["tokens_per_gpu"] == -(-four["tokens"] // 4) and one["tokens_per_gpu"] == one["tokens"]
+    output = four["tokens"] * 16 * 2 * 2 * 4 / 2**30  # the gathered fp32 prediction: 16 channels x 2 x 2 per token
+    for a, b in zip(one["per_gpu"], four["per_gpu"]):
+        assert b["activations_gb"] == pytest.approx(a["activations_gb"] * one["tokens"] / four["tokens"] / 4 + output)
+        assert b["ranks"] == 4  # the world defaults to one group
+    assert reports[4]["global_batch"]["samples_mean"] == pytest.approx(reports[4]["samples_per_step"]["mean"])
+    assert main(args[:-1] + ["--sequence-parallel", "5"]) == 2
+    assert "train.sequence_parallel=5 does not divide the model's 24 heads; use 4" in capsys.readouterr().err
+    assert main(args + ["--sequence-parallel", "2", "--world-size", "3"]) == 2
+    assert "--world-size 3 is not a multiple of train.sequence_parallel=2" in capsys.readouterr().err
+
+
 def test_memory_grows_with_the_batch():
     config = load_config(ROOT / "configs" / "pyramid-flow-sd3-finetune.yaml")
     small, large = memory_report(config, 8, [1000] * 4), memory_report(config, 8, [1000] * 8)

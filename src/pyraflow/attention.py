@@ -12,6 +12,10 @@ Backends:
   flash    flash-attn's varlen kernel over cu_seqlens (CUDA, fp16/bf16, when flash-attn is installed).
   prefix   video sampling with a history cache: a unit's tokens attend to cached text and history keys/values.
 
+Under sequence parallelism (``SequenceShard``) each rank of a group holds a contiguous part of both streams; a
+``ShardedAttention`` trades it for every token of 1/N of the heads, runs the backend above over the whole layout,
+and trades back, so the backends themselves never see a split sequence.
+
 Temporal-causal masking (optional, every backend): a visual token of causal step f sees its segment's text and
 steps <= f; text sees only text, so text carries no information from later frames to earlier ones. (The released
 Pyramid Flow models were trained with text at step 0, seeing the first frame too: ``text_step=0`` reproduces that.)
@@ -72,6 +76,59 @@ def build_attention(layout: Layout, backend: str, causal: bool, device: torch.de
     if backend == "flash":
         return FlashAttention(layout, causal, device, varlen_kernel, text_step)
     raise ValueError(f"unknown attention backend {backend!r}; use one of {', '.join(ATTENTION_BACKENDS[1:])}.")
+
+
+# ----- sequence parallelism (Ulysses) ---------------------------------------------------------------------
+
+Exchange = Callable[[torch.Tensor, list[int]], torch.Tensor]
+
+
+def split_sizes(tokens: int, parts: int) -> list[int]:
+    """Contiguous parts of a stream as equal as they can be (the first ``tokens % parts`` one longer)."""
+    return [tokens // parts + (i < tokens % parts) for i in range(parts)]
+
+
+@dataclass(frozen=True)
+class SequenceShard:
+    """This rank's place in a sequence-parallel group and the group's three collectives, injected by the trainer
+    (pyraflow.train.parallelize.sequence_shard) so that models and backends never import torch.distributed.
+
+    to_heads(x, sizes): this rank's rows (sizes[rank], H, D) -> every rank's rows for H / ranks heads.
+    to_sequence(y, sizes): the inverse. gather(x, sizes): every rank's rows, whole; its backward keeps this rank's
+    rows of the gradient, which is right because every rank of the group computes the same loss from the whole."""
+
+    rank: int
+    ranks: int
+    to_heads: Exchange
+    to_sequence: Exchange
+    gather: Exchange
+
+    def span(self, tokens: int) -> tuple[list[int], int, int]:
+        """Every rank's share of a stream of ``tokens``, and where this rank's starts and ends."""
+        sizes = split_sizes(tokens, self.ranks)
+        start = sum(sizes[: self.rank])
+        return sizes, start, start + sizes[self.rank]
+
+
+class ShardedAttention:
+    """Any backend over a sequence split across a group: one exchange in (q, k, v of both streams together), the
+    backend over the whole layout with this rank's heads, one exchange out."""
+
+    def __init__(self, inner: Attention, shard: SequenceShard, text_sizes: list[int], visual_sizes: list[int]):
+        self.inner, self.shard = inner, shard
+        self.text_sizes, self.visual_sizes = text_sizes, visual_sizes
+        self.sizes = [t + v for t, v in zip(text_sizes, visual_sizes)]  # each rank sends [its text; its visual]
+        self.pieces = [n for pair in zip(text_sizes, visual_sizes) for n in pair]
+
+    def __call__(self, text: QKV, visual: QKV) -> tuple[torch.Tensor, torch.Tensor]:
+        local = torch.cat([torch.cat(text, dim=-1), torch.cat(visual, dim=-1)])  # (rows, H, 3 Dh)
+        pieces = self.shard.to_heads(local, self.sizes).split(self.pieces)  # text_0, visual_0, text_1, ...
+        text_qkv = torch.cat(pieces[0::2]).chunk(3, dim=-1)
+        visual_qkv = torch.cat(pieces[1::2]).chunk(3, dim=-1)
+        out_text, out_visual = self.inner(text_qkv, visual_qkv)
+        texts, visuals = out_text.split(self.text_sizes), out_visual.split(self.visual_sizes)
+        out = self.shard.to_sequence(torch.cat([p for pair in zip(texts, visuals) for p in pair]), self.sizes)
+        return out.split([self.text_sizes[self.shard.rank], self.visual_sizes[self.shard.rank]])
 
 
 # ----- helpers shared by the backends ------------------------------------------------------------------

@@ -90,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(plan)
     plan.add_argument("--schedule", metavar="NAME", help="schedule preset: continuous or pyramid-flow")
     plan.add_argument("--steps", type=_positive_int, default=1000, help="steps to simulate (default 1000)")
-    plan.add_argument("--world-size", type=_positive_int, default=1, help="ranks to plan for (default 1)")
+    plan.add_argument("--world-size", type=_positive_int, help="ranks to plan for (default 1, or the sequence-parallel "
+                      "group size)")
+    plan.add_argument("--sequence-parallel", type=_positive_int, metavar="N",
+                      help="plan with train.sequence_parallel=N: tokens and activation memory per GPU")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plan.add_argument("--vae-decode", nargs="?", const="released", metavar="FOLDER",
                       help="instead: the causal video VAE's decode memory for 384p and 768p clips of 5 and 10 s, whole, "
@@ -372,7 +375,10 @@ def main(argv: list[str] | None = None) -> int:
             overrides = list(args.overrides)
             if args.schedule:
                 overrides.append(f"schedule.preset={args.schedule}")
-            report = plan_report(load_config(args.config, overrides), args.steps, args.world_size,
+            if args.sequence_parallel:
+                overrides.append(f"train.sequence_parallel={args.sequence_parallel}")
+            config = load_config(args.config, overrides)
+            report = plan_report(config, args.steps, args.world_size or config.train.sequence_parallel,
                                  progress=not args.json)
             print(json.dumps(report, indent=2) if args.json else format_report(report))
         elif args.command == "train":

@@ -86,10 +86,20 @@ def planned_bucket_counts(config: Config, buckets) -> list[int]:
     return counts
 
 
+def data_ranks(config: Config, world_size: int) -> int:
+    """Batches trained at once: one per sequence-parallel group."""
+    ranks = config.train.sequence_parallel
+    if world_size % ranks:
+        raise ValueError(f"--world-size {world_size} is not a multiple of train.sequence_parallel={ranks}; plan for "
+                         f"{ranks * max(1, world_size // ranks)} ranks, or another group size.")
+    return world_size // ranks
+
+
 def simulate(config: Config, steps: int, world_size: int = 1, progress: bool = False) -> dict:
     """Run the batcher for ``steps`` steps on rank 0 and summarise what it chose."""
     if steps < 1:
         raise ValueError(f"--steps {steps} must be >= 1.")
+    batches = data_ranks(config, world_size)
     k = config.schedule.stages
     buckets = resolve_buckets(config)
     bucket_counts = planned_bucket_counts(config, buckets)
@@ -97,7 +107,7 @@ def simulate(config: Config, steps: int, world_size: int = 1, progress: bool = F
     class_stage = np.asarray(classes.stages)
     class_bucket = np.asarray(classes.buckets)
     class_tokens = np.asarray(classes.segment_tokens, dtype=np.float64)
-    batcher = TokenBudgetBatcher(config.batching, classes.segment_tokens, classes.mix, bucket_counts, 0, world_size,
+    batcher = TokenBudgetBatcher(config.batching, classes.segment_tokens, classes.mix, bucket_counts, 0, batches,
                                  classes.names(), classes.buckets)
 
     def per_stage(values: np.ndarray) -> np.ndarray:
@@ -124,14 +134,15 @@ def simulate(config: Config, steps: int, world_size: int = 1, progress: bool = F
         counts[i] = per_stage(class_counts)
         stage_tokens[i] = per_stage(class_counts * class_tokens)
         lengths = [classes.segment_tokens[c] for c in batch.classes]
-        activation[i] = estimate_activation_bytes(config.model, lengths)
+        activation[i] = estimate_activation_bytes(config.model, lengths) / config.train.sequence_parallel
         if activation[i] == activation.max():
             largest = lengths
         bucket_samples[i] = per_bucket(class_counts)
         bucket_tokens[i] = per_bucket(class_counts * class_tokens)
         for b in range(len(buckets)):
             bucket_memory[i, b] = estimate_activation_bytes(
-                config.model, [classes.segment_tokens[c] for c in batch.classes if classes.buckets[c] == b])
+                config.model, [classes.segment_tokens[c] for c in batch.classes if classes.buckets[c] == b]
+            ) / config.train.sequence_parallel
     segment_tokens = [float(stage_tokens[:, s].sum() / max(counts[:, s].sum(), 1)) for s in range(k)]
     if config.batching.ratio_unit == "samples":
         realised = counts.sum(0) / counts.sum()
@@ -176,9 +187,10 @@ def simulate(config: Config, steps: int, world_size: int = 1, progress: bool = F
         "samples_per_step": {"mean": float(samples.mean()), "min": int(samples.min()), "max": int(samples.max())},
         "global_batch": {
             "world_size": world_size,
+            "sequence_parallel": config.train.sequence_parallel,
             "grad_accum": config.train.grad_accum,
-            "samples_mean": float(samples.mean() * world_size * config.train.grad_accum),
-            "tokens_mean": float(tokens.mean() * world_size * config.train.grad_accum),
+            "samples_mean": float(samples.mean() * batches * config.train.grad_accum),
+            "tokens_mean": float(tokens.mean() * batches * config.train.grad_accum),
         },
         "activation_memory_mb": {
             "bytes_per_element": 2,
@@ -216,10 +228,15 @@ def parameter_counts(config: Config) -> tuple[int, int, int]:
 def memory_report(config: Config, world_size: int, segment_lengths: list[int]) -> dict:
     """Memory per GPU of the largest simulated batch, for full fine-tuning and LoRA, sharded (FSDP) over
     ``world_size`` ranks or replicated (DDP), with and without activation checkpointing. Trained weights cost
-    20 bytes each (fp32 weight, gradient, two AdamW moments, EMA), frozen ones 4 (fp32)."""
+    20 bytes each (fp32 weight, gradient, two AdamW moments, EMA), frozen ones 4 (fp32). Under sequence parallelism
+    (train.sequence_parallel = N) each GPU holds 1/N of the batch's tokens, so 1/N of its activations: the exchange's
+    copies (every token for 1/N of the heads) take the place of the q, k, v and attention output the count already
+    holds per token; the gathered output (every token, C * p * p values) is added."""
     total, adapters, rank = parameter_counts(config)
-    gb = 2**30
-    activations = {f: estimate_activation_bytes(config.model, segment_lengths, 2, f) / gb for f in (0.0, 1.0)}
+    gb, m, ranks = 2**30, config.model, config.train.sequence_parallel
+    output = sum(segment_lengths) * m.in_channels * m.patch_size**2 * 4  # the gathered fp32 prediction and its grad
+    activations = {f: (estimate_activation_bytes(m, segment_lengths, 2, f) / ranks + (output if ranks > 1 else 0)) / gb
+                   for f in (0.0, 1.0)}
     rows = []
     for parallel, shards in (("fsdp", world_size), ("ddp", 1)):
         for name, trained, frozen in (("full", total, 0), (f"lora-r{rank}", adapters, total)):
@@ -228,6 +245,7 @@ def memory_report(config: Config, world_size: int, segment_lengths: list[int]) -
                       "weights_and_optimizer_gb": states, "activations_gb": activations[f],
                       "total_gb": states + activations[f]} for f in (0.0, 1.0)]
     return {"parameters": total, "lora_parameters": adapters, "lora_rank": rank, "per_gpu": rows,
+            "sequence_parallel": ranks, "tokens": sum(segment_lengths), "tokens_per_gpu": -(-sum(segment_lengths) // ranks),
             "note": "activations of the largest simulated batch (bf16); trained weights 20 B (fp32 weight, gradient, "
                     "AdamW moments, EMA), frozen 4 B; FSDP shards both over the ranks; excludes the CUDA context and "
                     "allocator slack (add ~10-20%)"}
@@ -259,6 +277,7 @@ def format_report(report: dict) -> str:
         )
     t = report["tokens_per_step"]
     g = report["global_batch"]
+    groups = f" in groups of {g['sequence_parallel']} sharing a batch" if g["sequence_parallel"] > 1 else ""
     a = report["activation_memory_mb"]
     lines += [
         "",
@@ -266,12 +285,15 @@ def format_report(report: dict) -> str:
         f"tokens/step: mean {t['mean']:.1f}  cv {100 * t['cv']:.2f}%  min {t['min']}  max {t['max']}",
         f"samples/step: mean {report['samples_per_step']['mean']:.2f}  "
         f"min {report['samples_per_step']['min']}  max {report['samples_per_step']['max']}",
-        f"global batch ({g['world_size']} rank(s) x {g['grad_accum']} accumulation): {g['samples_mean']:.1f} samples, "
-        f"{g['tokens_mean']:.0f} tokens per optimizer step",
+        f"global batch ({g['world_size']} rank(s){groups} x {g['grad_accum']} accumulation): {g['samples_mean']:.1f} "
+        f"samples, {g['tokens_mean']:.0f} tokens per optimizer step",
         f"activation memory (bf16, per rank): mean {a['mean']:.1f} MB, max {a['max']:.1f} MB",
         f"epochs covered: {report['epochs']:.2f}",
     ]
     m = report["memory"]
+    if m["sequence_parallel"] > 1:
+        lines += ["", f"sequence parallel x{m['sequence_parallel']}: largest batch {m['tokens']} tokens, "
+                      f"{m['tokens_per_gpu']} per GPU"]
     lines += ["", f"parameters: {m['parameters'] / 1e6:,.1f} M; LoRA rank {m['lora_rank']} adapters on the attention "
                   f"projections: {m['lora_parameters'] / 1e6:,.1f} M",
               f"memory per GPU, largest batch (GB): {'mode':>10} {'parallel':>12} {'checkpointing':>13} "

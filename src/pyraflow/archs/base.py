@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pyraflow.attention import Attention, PrefixAttention, build_attention, resolve_backend
+from pyraflow.attention import (Attention, PrefixAttention, SequenceShard, ShardedAttention, build_attention,
+                                 resolve_backend)
 from pyraflow.config import ModelConfig
 from pyraflow.packing import Layout, PackedBatch
 from pyraflow.weights import CONFIG, MODEL, read_model_config, read_tensors, save_model, weight_files
@@ -88,7 +89,11 @@ class RunBroadcast:
     index_add (``v[index]``'s backward, index_put with accumulation, is much slower on CPU).
     """
 
-    def __init__(self, run_lengths: list[int], device: torch.device, max_blocks: int = MAX_BROADCAST_BLOCKS):
+    def __init__(self, run_lengths: list[int], device: torch.device, max_blocks: int = MAX_BROADCAST_BLOCKS,
+                 first_run: int | None = None):
+        """first_run: where run_lengths are some of the runs (a rank's part of a split sequence; ``runs_within``), the
+        index of the first among the per-run vectors, which are then cut to these runs."""
+        self.window = None if first_run is None else (first_run, len(run_lengths))
         blocks: list[list[int]] = []  # [token_start, token_end, run_start, run_end, length]
         token = 0
         for r, length in enumerate(run_lengths):
@@ -108,6 +113,8 @@ class RunBroadcast:
 
     def apply(self, fn, tokens: tuple[torch.Tensor, ...], per_run: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """fn(*tokens, *per_run) evaluated with per-run vectors broadcast to their tokens."""
+        if self.window is not None:
+            per_run = tuple(v.narrow(0, *self.window) for v in per_run)
         if self.index is not None:
             return fn(*tokens, *(v.index_select(0, self.index) for v in per_run))
         if len(self.blocks) == 1:
@@ -122,6 +129,17 @@ class RunBroadcast:
             tk = (parts[i].view(r1 - r0, length, parts[i].shape[-1]) for parts in token_parts)
             out.append(fn(*tk, *(parts[i].unsqueeze(1) for parts in run_parts)).flatten(0, 1))
         return torch.cat(out)
+
+def runs_within(run_lengths: list[int], start: int, end: int) -> tuple[list[int], int]:
+    """The runs covering tokens [start, end) of a stream, clipped to that span (empty runs between kept, so run
+    indices stay consecutive), and the index of the first."""
+    offsets = [0]
+    for length in run_lengths:
+        offsets.append(offsets[-1] + length)
+    covering = [r for r in range(len(run_lengths)) if offsets[r] < end and offsets[r + 1] > start]
+    first, last = covering[0], covering[-1]
+    return [min(offsets[r + 1], end) - max(offsets[r], start) for r in range(first, last + 1)], first
+
 
 LN_EPS = 1e-6  # every LayerNorm here and in the released models: no affine, eps 1e-6
 
@@ -159,16 +177,45 @@ class Context:
     """What every block needs about the batch, computed once per batch and reusable across forwards.
 
     compiled: for compiled blocks, modulation reaches its tokens through one index gather, which the compiler fuses
-    into the kernels that read it."""
+    into the kernels that read it.
+    shard: under sequence parallelism, this rank's part of the group: the blocks then see only this rank's contiguous
+    rows of each stream (``local_text`` / ``local_visual`` cut them), modulation and RoPE are cut to match, attention
+    exchanges rows for heads around the backend, and ``whole_visual`` gathers the model's output."""
 
     def __init__(self, layout: Layout, attention: Attention | PrefixAttention, rope: torch.Tensor, device,
-                 compiled: bool = False):
+                 compiled: bool = False, shard: SequenceShard | None = None):
         self.layout = layout
-        self.attention = attention
-        self.rope = rope  # complex rotations: (Nv, 1, head_dim / 2)
+        self.shard = shard
         max_blocks = 0 if compiled else MAX_BROADCAST_BLOCKS
-        self.visual = RunBroadcast(layout.run_lengths, device, max_blocks)
-        self.text = RunBroadcast(layout.text_lengths, device, max_blocks)
+        text_runs, visual_runs = (layout.text_lengths, None), (layout.run_lengths, None)
+        self.text_rows = self.visual_rows = None
+        if shard is not None:
+            if min(layout.num_text, layout.num_visual) < shard.ranks:
+                raise ValueError(f"a batch of {layout.num_text} text and {layout.num_visual} visual tokens cannot be "
+                                 f"split over {shard.ranks} ranks (train.sequence_parallel): raise the token budget.")
+            text_sizes, t0, t1 = shard.span(layout.num_text)
+            self.visual_sizes, v0, v1 = shard.span(layout.num_visual)
+            self.text_rows, self.visual_rows = slice(t0, t1), slice(v0, v1)
+            attention = ShardedAttention(attention, shard, text_sizes, self.visual_sizes)
+            rope = rope[v0:v1]
+            text_runs = runs_within(layout.text_lengths, t0, t1)
+            visual_runs = runs_within(layout.run_lengths, v0, v1)
+        self.attention = attention
+        self.rope = rope  # complex rotations: (Nv, 1, head_dim / 2), this rank's rows
+        self.visual = RunBroadcast(visual_runs[0], device, max_blocks, visual_runs[1])
+        self.text = RunBroadcast(text_runs[0], device, max_blocks, text_runs[1])
+
+    def local_text(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a (Nt, ...) text-stream tensor (all of them without sequence parallelism)."""
+        return x if self.text_rows is None else x[self.text_rows]
+
+    def local_visual(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a (Nv, ...) visual-stream tensor."""
+        return x if self.visual_rows is None else x[self.visual_rows]
+
+    def whole_visual(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of a visual-stream output, in stream order (the model's output is whole on every rank)."""
+        return x if self.shard is None else self.shard.gather(x, self.visual_sizes)
 
 
 @dataclass
@@ -226,6 +273,7 @@ class PackedTransformer(nn.Module):
     compiled = False  # blocks compiled by pyraflow.compilation.compile_blocks
     caches_history = True  # text and history do not depend on the predicted latent's timestep, so can be cached
 
+    sequence_shard: SequenceShard | None = None  # set by a sequence-parallel run (pyraflow.train.parallelize)
     init_seed: int  # set by each architecture's constructor (draw_init_seed) before it builds its layers
 
     def rope_for(self, layout: Layout, device: torch.device) -> torch.Tensor:
@@ -268,12 +316,15 @@ class PackedTransformer(nn.Module):
                 prefix: PrefixCache | None = None) -> Context:
         """Attention, RoPE tables and modulation layout for one batch (reusable across forwards)."""
         cfg = self.config
+        shard = self.sequence_shard
+        if prefix is not None and shard is not None:
+            raise ValueError("a history cache is for sampling; sample without train.sequence_parallel.")
         if prefix is not None:
             attention = PrefixAttention(layout, prefix.layout, device)
         else:
             attention = build_attention(layout, resolve_backend(cfg.attention, device, dtype), cfg.temporal_causal, device,
                                         text_step=self.text_step)
-        return Context(layout, attention, self.rope_for(layout, device), device, self.compiled)
+        return Context(layout, attention, self.rope_for(layout, device), device, self.compiled, shard)
 
     def _context(self, batch: PackedBatch, context: Context | None, prefix: PrefixCache | None) -> Context:
         self._check(batch)

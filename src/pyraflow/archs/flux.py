@@ -105,5 +105,5 @@ class PyramidFlux(ReferenceTransformer):
     def rope_for(self, layout: Layout, device: torch.device) -> torch.Tensor:
         return rope_tables(reference_ids(layout).to(device), self.config.axes(), self.config.rope_theta)
 
-    def embed(self, batch: PackedBatch) -> torch.Tensor:
-        return self.x_embedder(batch.visual.index_select(-1, self.to_reference))
+    def embed(self, batch: PackedBatch, ctx: Context) -> torch.Tensor:
+        return self.x_embedder(ctx.local_visual(batch.visual).index_select(-1, self.to_reference))

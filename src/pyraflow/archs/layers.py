@@ -217,7 +217,8 @@ class ReferenceTransformer(PackedTransformer):
     text_step = 0
     caches_history = False
 
-    def embed(self, batch: PackedBatch) -> torch.Tensor:
+    def embed(self, batch: PackedBatch, ctx: Context) -> torch.Tensor:
+        """The visual tokens' embeddings, this rank's rows (``ctx.local_visual``)."""
         raise NotImplementedError
 
     def forward(self, batch: PackedBatch, context: Context | None = None, prefix=None,
@@ -228,7 +229,8 @@ class ReferenceTransformer(PackedTransformer):
                              "no history cache.")
         ctx = self._context(batch, context, None)
         cond, cond_text = conditioning(self, batch, batch.layout, batch.visual.device)
-        _, x = self.run_blocks(self.blocks, self.context_embedder(batch.text), self.embed(batch), cond_text, cond, ctx,
-                               record)
+        _, x = self.run_blocks(self.blocks, self.context_embedder(ctx.local_text(batch.text)), self.embed(batch, ctx),
+                               cond_text, cond, ctx, record)
         scale, shift = self.norm_out(cond)
-        return self.proj_out(modulated(ctx.visual, x, shift, scale)).index_select(-1, self.from_reference)
+        out = self.proj_out(modulated(ctx.visual, x, shift, scale)).index_select(-1, self.from_reference)
+        return ctx.whole_visual(out)

@@ -128,14 +128,14 @@ class MultiStageMMDiT(PackedTransformer):
         run_segment = layout.run_segment.to(device)
         cond = self.time_mlp(timestep_embedding(batch.timestep)) + self.pooled_mlp(batch.pooled)[run_segment]
         cond = F.silu(cond)  # (R, D), shared by every modulation layer
-        x_visual = self.visual_in(batch.visual)  # (Nv, D)
+        x_visual = self.visual_in(ctx.local_visual(batch.visual))  # (Nv, D), this rank's rows if the sequence is split
         if prefix is not None:
             for block, cached in zip(self.blocks, prefix.blocks):
                 x_visual = block.forward_prefixed(x_visual, cond, ctx, cached)
         else:
             cond_text = cond[layout.text_run.to(device)]  # (B, D)
-            x_text = self.text_in(batch.text)  # (Nt, D)
+            x_text = self.text_in(ctx.local_text(batch.text))  # (Nt, D)
             x_text, x_visual = self.run_blocks(self.blocks, x_text, x_visual, cond_text, cond, ctx, record)
         shift, scale = self.final_modulation(cond).chunk(2, dim=-1)
         h = modulated(ctx.visual, x_visual, shift, scale)
-        return self.visual_out(h)  # (Nv, C * p * p)
+        return ctx.whole_visual(self.visual_out(h))  # (Nv, C * p * p)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pyraflow.archs.layers import (DoubleStreamBlock, Modulation, ReferenceTransformer, TimeTextEmbedding,
                                    patch_order, reference_init_kinds)
 from pyraflow.config import ModelConfig
-from pyraflow.archs.base import draw_init_seed, rope_tables
+from pyraflow.archs.base import Context, draw_init_seed, rope_tables
 from pyraflow.packing import Layout, PackedBatch
 
 QK_EPS = 1e-5
@@ -108,6 +108,6 @@ class PyramidSD3(ReferenceTransformer):
         """Rotations over the whole head dim at each token's frame index (text: 0, the identity)."""
         return rope_tables(layout.positions[:, :1].to(device), [self.config.head_dim], self.config.rope_theta)
 
-    def embed(self, batch: PackedBatch) -> torch.Tensor:
-        x = self.pos_embed(batch.visual)
-        return x + self.pos_embed.positions(batch.layout).to(x.dtype)
+    def embed(self, batch: PackedBatch, ctx: Context) -> torch.Tensor:
+        x = self.pos_embed(ctx.local_visual(batch.visual))
+        return x + ctx.local_visual(self.pos_embed.positions(batch.layout)).to(x.dtype)

@@ -69,6 +69,7 @@ class Config:
                 f"downsample {self.latent.resolved_downsample()}), which must be divisible by patch_size * 2**(stages-1) "
                 f"= {unit} so every stage has whole patches; change data.image_size, model.patch_size or schedule.stages."
             )
+        check_sequence_heads(model.num_heads, self.train.sequence_parallel)
         mix = self.batching.mix
         if mix.kind in ("constant", "adaptive"):
             resolve_ratio(mix.ratio, k)
@@ -132,6 +133,16 @@ class Config:
 
         m = self.bucket_multiple()
         return bucket_side(height, m), bucket_side(width, m)
+
+
+def check_sequence_heads(heads: int, ranks: int) -> None:
+    """Each rank of a sequence-parallel group attends over 1/ranks of the heads: refuse a split that is not whole,
+    naming the group sizes that divide the heads."""
+    if heads % ranks:
+        valid = [n for n in range(1, heads + 1) if heads % n == 0]
+        nearest = min(valid, key=lambda n: (abs(n - ranks), n))
+        raise ValueError(f"train.sequence_parallel={ranks} does not divide the model's {heads} heads; use "
+                         f"{nearest} (any of {valid}).")
 
 
 def valid_keys() -> list[str]:

@@ -604,6 +604,11 @@ class TrainConfig:
     """Consecutive steps with a non-finite loss or gradient after which the run saves and stops."""
     parallel: str = "ddp"
     """Data parallelism under torchrun: ``ddp`` or ``fsdp`` (FSDP2 fully_shard)."""
+    sequence_parallel: int = 1
+    """Under torchrun: ranks that split each batch's token sequence between them (Ulysses: every rank holds a
+    contiguous 1/N of the packed tokens; an all-to-all before attention trades it for every token of 1/N of the heads).
+    Groups are consecutive ranks; the world size must be a multiple, the model's heads too. Activation memory per GPU
+    falls about N-fold; each group trains on one batch, so the data-parallel batch count is world / N."""
     collective_timeout_minutes: float = 10.0
     """Under torchrun: how long a rank waits in a collective for a peer that hangs before the job fails."""
     threads: int | None = None
@@ -634,6 +639,7 @@ class TrainConfig:
         if self.collective_timeout_minutes <= 0:
             raise ValueError(f"train.collective_timeout_minutes={self.collective_timeout_minutes} must be > 0.")
         check_choice("train.parallel", self.parallel, PARALLEL_MODES)
+        check_integer("train.sequence_parallel", self.sequence_parallel)
         check_optional_integer("train.threads", self.threads)
         if self.lora.rank and not self.init_from:
             raise ValueError("train.lora.rank is set but train.init_from is not: adapters fine-tune existing weights; "

@@ -13,6 +13,7 @@ torchrun stops the job).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
 import os
@@ -33,10 +34,26 @@ class DistributedInfo:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     enabled: bool = False  # launched by torchrun, with a process group (also with a single rank)
+    sequence_ranks: int = 1  # ranks per sequence-parallel group (consecutive ranks; ``join_sequence_groups``)
+    sequence_group: object = None  # this rank's sequence-parallel process group
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's group among the data-parallel replicas: ranks of one sequence-parallel group share a batch."""
+        return self.rank // self.sequence_ranks
+
+    @property
+    def data_size(self) -> int:
+        """The number of batches the world trains on at once (world size / sequence-parallel group size)."""
+        return self.world_size // self.sequence_ranks
+
+    @property
+    def sequence_rank(self) -> int:
+        return self.rank % self.sequence_ranks
 
 
 def init_distributed(timeout_minutes: float | None = None) -> DistributedInfo:
@@ -207,16 +224,35 @@ def shutdown(info: DistributedInfo) -> None:
         dist.destroy_process_group()
 
 
-# ----- sequence parallelism (Ulysses): the exchange around attention ------------------------------------------------
+# ----- sequence parallelism (Ulysses): the groups and the exchanges around attention ---------------------------------
 
-def check_sequence_heads(heads: int, ranks: int) -> None:
-    """Each rank of a sequence-parallel group attends over 1/ranks of the heads: refuse a split that is not whole,
-    naming the group sizes that divide the heads."""
-    if heads % ranks:
-        valid = [n for n in range(1, heads + 1) if heads % n == 0]
-        nearest = min(valid, key=lambda n: (abs(n - ranks), n))
-        raise ValueError(f"train.sequence_parallel={ranks} does not divide the model's {heads} heads; use "
-                         f"{nearest} (any of {valid}).")
+def join_sequence_groups(info: DistributedInfo, ranks: int) -> DistributedInfo:
+    """Split the world into groups of ``ranks`` consecutive ranks (a 2-D device mesh, data x sequence): each group
+    trains on one batch, every rank holding a contiguous part of its tokens. FSDP2 still shards over the whole world
+    (parallelize), so weights and optimizer state per GPU fall with the world size, activations with ``ranks``."""
+    if ranks == 1:
+        return info
+    if not info.enabled or info.world_size % ranks:
+        raise ValueError(f"train.sequence_parallel={ranks} needs a world of a multiple of {ranks} ranks under torchrun "
+                         f"(this run has {info.world_size if info.enabled else 'no torchrun, 1'}): launch with "
+                         f"torchrun --nproc_per_node={ranks} (or a multiple), or set train.sequence_parallel=1.")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(info.device.type, (info.world_size // ranks, ranks), mesh_dim_names=("data", "sequence"))
+    return dataclasses.replace(info, sequence_ranks=ranks, sequence_group=mesh.get_group("sequence"))
+
+
+def sequence_shard(info: DistributedInfo):
+    """The model's view of its sequence-parallel group (pyraflow.attention.SequenceShard), or None without one."""
+    from pyraflow.attention import SequenceShard
+
+    if info.sequence_ranks == 1:
+        return None
+    group = info.sequence_group
+    return SequenceShard(info.sequence_rank, info.sequence_ranks,
+                         to_heads=functools.partial(sequence_to_heads, group=group),
+                         to_sequence=functools.partial(heads_to_sequence, group=group),
+                         gather=functools.partial(gather_sequence, group=group))
 
 
 def _gather_rows(x: torch.Tensor, sizes: list[int], group) -> list[torch.Tensor]:
@@ -279,3 +315,24 @@ def sequence_to_heads(x: torch.Tensor, sizes: list[int], group=None) -> torch.Te
 def heads_to_sequence(y: torch.Tensor, sizes: list[int], group=None) -> torch.Tensor:
     """After attention: every token for this rank's heads -> this rank's tokens for every head."""
     return _Exchange.apply(y, list(sizes), group, False)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Every rank's rows, whole; backward keeps this rank's rows of the gradient (see ``gather_sequence``)."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, group):
+        rank = dist.get_rank(group)
+        ctx.rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        return torch.cat(_gather_rows(x, sizes, group))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.rows], None, None
+
+
+def gather_sequence(x: torch.Tensor, sizes: list[int], group=None) -> torch.Tensor:
+    """The model's output rows of every rank of the group, in stream order. Every rank then computes the same loss from
+    the same whole output, so the gradient of this rank's rows is its own slice (no reduction needed); the trainer
+    scales the loss by the group size because data parallelism averages gradients over every rank of the world."""
+    return _GatherSequence.apply(x, list(sizes), group)

@@ -30,7 +30,8 @@ from pyraflow.train.optim import lr_factor, make_optimizer, resolve_precision
 from pyraflow.compilation import compile_blocks, resolve_compile
 from pyraflow.lora import ADAPTER, add_adapters
 from pyraflow.train.parallelize import (DistributedInfo, all_reduce_sum, barrier, checkpoint_activations, fill_sharded,
-                                        full_tensor, gather_to_main, init_distributed, materialize, parallelize)
+                                        full_tensor, gather_to_main, init_distributed, join_sequence_groups, materialize,
+                                        parallelize, sequence_shard)
 
 log = logging.getLogger("pyraflow.train")
 
@@ -89,7 +90,8 @@ class Trainer:
 
         self.config = config
         self.out = Path(out_dir)
-        self.info = info = info or init_distributed(config.train.collective_timeout_minutes)
+        info = info or init_distributed(config.train.collective_timeout_minutes)
+        self.info = info = join_sequence_groups(info, config.train.sequence_parallel)
         self.progress = progress and info.is_main
         tc = config.train
         if tc.threads:
@@ -116,6 +118,7 @@ class Trainer:
             self.model = training_model(config, load_base=not resume).to(info.device)
             self._prepare_blocks(self.model)
             self.wrapped = parallelize(self.model, info, tc.parallel, self.precision)
+        self.model.sequence_shard = sequence_shard(info)
         # the unwrapped model's names of what trains (DDP shares these parameters; FSDP2 shards them in place): every
         # weight, or with train.lora the adapters only, which are then all that the optimizer, EMA and checkpoints hold
         self.names, self.params = map(list, zip(*[(n, p) for n, p in self.model.named_parameters() if p.requires_grad]))
@@ -129,9 +132,10 @@ class Trainer:
         self.mix = self.classes.mix
         self._check_mix_delay()
         self.batcher = TokenBudgetBatcher(config.batching, self.classes.segment_tokens, self.mix, self.data.pool_sizes,
-                                          info.rank, info.world_size, self.classes.names(), self.classes.buckets,
+                                          info.data_rank, info.data_size, self.classes.names(), self.classes.buckets,
                                           self.data.pool_ids)
-        self.builder = ExampleBuilder(config, self.schedule, self.classes, self.null.item(0), self.images, info.rank)
+        # the ranks of a sequence-parallel group plan and draw the same batch
+        self.builder = ExampleBuilder(config, self.schedule, self.classes, self.null.item(0), self.images, info.data_rank)
         self.position = self.batcher.state_dict()  # the batcher's state after the last consumed batch
         self._batches = None  # the loader's iterator, started by the first step (after a resume has loaded state)
         self.step = 0
@@ -257,7 +261,9 @@ class Trainer:
             context = self.wrapped.no_sync() if not sync else contextlib.nullcontext()
             with context:
                 loss, per_sample, stages = self._loss(packed)
-                (loss / tc.grad_accum).backward()
+                # the ranks of a sequence-parallel group each hold part of the gradient of the same loss, which data
+                # parallelism averages over the whole world: scaled by the group size, the sum over the group remains
+                (loss * self.info.sequence_ranks / tc.grad_accum).backward()
             total_loss += loss.detach() / tc.grad_accum
             tokens += n_tokens
             waited += wait
@@ -266,7 +272,9 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         grad_norm = full_tensor(grad_norm).float()
         if self.info.enabled:
-            stats = all_reduce_sum(torch.cat([stage_sum, stage_count, total_loss[None] / self.info.world_size]))
+            owner = float(self.info.sequence_rank == 0)  # a group's batch is counted once
+            stats = all_reduce_sum(torch.cat([stage_sum * owner, stage_count * owner,
+                                              total_loss[None] / self.info.world_size]))
             stage_sum, stage_count, total_loss = stats[:k], stats[k : 2 * k], stats[-1]
         finite = torch.isfinite(total_loss) & torch.isfinite(grad_norm)
         self._optimizer_step(finite)
@@ -278,7 +286,7 @@ class Trainer:
         self.bad_steps += bad
         self.consecutive_bad = (self.consecutive_bad + bad) * bad
         self.worst_bad_run = torch.maximum(self.worst_bad_run, self.consecutive_bad)
-        self._interval_tokens += tokens * self.info.world_size
+        self._interval_tokens += tokens * self.info.data_size
         if self.mix.reads_losses:  # an adaptive mix reads each step's per-stage losses (a host read)
             self.mix.observe(self.step * tc.grad_accum, stage_losses(stage_sum, stage_count))
         return {
@@ -288,7 +296,7 @@ class Trainer:
             "stage_count": stage_count,
             "grad_norm": grad_norm,
             "lr": self.lr_schedule.get_last_lr()[0],
-            "tokens": tokens * self.info.world_size,
+            "tokens": tokens * self.info.data_size,
             "seconds": time.perf_counter() - start,
             "data_wait_seconds": waited,
             "finite": finite,
@@ -375,6 +383,7 @@ class Trainer:
                 "consecutive_bad": int(self.consecutive_bad),
                 "precision": self.precision,
                 "world_size": self.info.world_size,
+                "sequence_parallel": self.info.sequence_ranks,
             }, directory / "trainer.pt")
 
         return write_checkpoint(self.out, self.step, writer, self.config.train.keep_checkpoints)
@@ -394,6 +403,9 @@ class Trainer:
         state = load_trainer_state(path)
         if state["world_size"] != self.info.world_size:
             raise ValueError(f"{path} was written by {state['world_size']} rank(s); resume with the same number.")
+        if state.get("sequence_parallel", 1) != self.info.sequence_ranks:
+            raise ValueError(f"{path} was written with train.sequence_parallel={state.get('sequence_parallel', 1)} (its "
+                             "batches were planned per group); resume with the same value.")
         if "batcher" not in state or "mix" not in state:
             raise ValueError(f"{path} was written by an older pyraflow (before counter-based random state); it cannot "
                              "resume exactly: start a new run, or sample from it as it is.")
