@@ -130,6 +130,7 @@ class RunBroadcast:
             out.append(fn(*tk, *(parts[i].unsqueeze(1) for parts in run_parts)).flatten(0, 1))
         return torch.cat(out)
 
+
 def runs_within(run_lengths: list[int], start: int, end: int) -> tuple[list[int], int]:
     """The runs covering tokens [start, end) of a stream, clipped to that span (empty runs between kept, so run
     indices stay consecutive), and the index of the first."""
