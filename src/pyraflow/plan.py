@@ -27,18 +27,22 @@ def linear_flops_per_token(cfg: ModelConfig) -> float:
 
 
 def estimate_activation_bytes(cfg: ModelConfig, segment_lengths: list[int], bytes_per_element: int = 2,
-                              checkpoint_fraction: float | None = None) -> int:
-    """Rough activation memory of one training step: what autograd keeps per token per block (norm outputs, q/k/v,
-    attention output, MLP input and hidden, residuals: about (16 + 2 * mlp_ratio) * width values), times tokens and
-    blocks; a checkpointed block keeps only its input (width values per token) and one block is recomputed at a
-    time. Attention is assumed flash-style (no L x L scores kept)."""
+                              checkpoint_fraction: float | None = None, sequence_parallel: int = 1) -> int:
+    """Rough activation memory of one training step on one GPU: what autograd keeps per token per block (norm
+    outputs, q/k/v, attention output, MLP input and hidden, residuals: about (16 + 2 * mlp_ratio) * width values),
+    times tokens and blocks; a checkpointed block keeps only its input (width values per token) and one block is
+    recomputed at a time. Attention is assumed flash-style (no L x L scores kept). Split over ``sequence_parallel``
+    ranks, each GPU holds 1/N of the tokens (the exchange's copies, every token for 1/N of the heads, take the place of
+    the q, k, v and attention output counted per token) plus the gathered output: every token's C * p * p
+    prediction, counted in fp32."""
     fraction = cfg.checkpoint_fraction if checkpoint_fraction is None else checkpoint_fraction
     tokens = sum(segment_lengths)
     per_token = (16 + 2 * cfg.mlp_ratio) * cfg.width
     blocks = cfg.depth + cfg.single_depth
     checkpointed = round(fraction * blocks)
     kept = (blocks - checkpointed) * per_token + checkpointed * cfg.width + (per_token if checkpointed else 0)
-    return int(tokens * kept * bytes_per_element)
+    gathered = tokens * cfg.in_channels * cfg.patch_size**2 * 4 if sequence_parallel > 1 else 0
+    return int(tokens * kept * bytes_per_element / sequence_parallel + gathered)
 
 
 def schedule_report(schedule: PyramidSchedule) -> dict:
@@ -99,7 +103,7 @@ def simulate(config: Config, steps: int, world_size: int = 1, progress: bool = F
     """Run the batcher for ``steps`` steps on rank 0 and summarise what it chose."""
     if steps < 1:
         raise ValueError(f"--steps {steps} must be >= 1.")
-    batches = data_ranks(config, world_size)
+    batches, split = data_ranks(config, world_size), config.train.sequence_parallel
     k = config.schedule.stages
     buckets = resolve_buckets(config)
     bucket_counts = planned_bucket_counts(config, buckets)
@@ -134,15 +138,15 @@ def simulate(config: Config, steps: int, world_size: int = 1, progress: bool = F
         counts[i] = per_stage(class_counts)
         stage_tokens[i] = per_stage(class_counts * class_tokens)
         lengths = [classes.segment_tokens[c] for c in batch.classes]
-        activation[i] = estimate_activation_bytes(config.model, lengths) / config.train.sequence_parallel
+        activation[i] = estimate_activation_bytes(config.model, lengths, sequence_parallel=split)
         if activation[i] == activation.max():
             largest = lengths
         bucket_samples[i] = per_bucket(class_counts)
         bucket_tokens[i] = per_bucket(class_counts * class_tokens)
         for b in range(len(buckets)):
             bucket_memory[i, b] = estimate_activation_bytes(
-                config.model, [classes.segment_tokens[c] for c in batch.classes if classes.buckets[c] == b]
-            ) / config.train.sequence_parallel
+                config.model, [classes.segment_tokens[c] for c in batch.classes if classes.buckets[c] == b],
+                sequence_parallel=split)
     segment_tokens = [float(stage_tokens[:, s].sum() / max(counts[:, s].sum(), 1)) for s in range(k)]
     if config.batching.ratio_unit == "samples":
         realised = counts.sum(0) / counts.sum()
@@ -228,15 +232,11 @@ def parameter_counts(config: Config) -> tuple[int, int, int]:
 def memory_report(config: Config, world_size: int, segment_lengths: list[int]) -> dict:
     """Memory per GPU of the largest simulated batch, for full fine-tuning and LoRA, sharded (FSDP) over
     ``world_size`` ranks or replicated (DDP), with and without activation checkpointing. Trained weights cost
-    20 bytes each (fp32 weight, gradient, two AdamW moments, EMA), frozen ones 4 (fp32). Under sequence parallelism
-    (train.sequence_parallel = N) each GPU holds 1/N of the batch's tokens, so 1/N of its activations: the exchange's
-    copies (every token for 1/N of the heads) take the place of the q, k, v and attention output the count already
-    holds per token; the gathered output (every token, C * p * p values) is added."""
+    20 bytes each (fp32 weight, gradient, two AdamW moments, EMA), frozen ones 4 (fp32); activations per GPU under
+    train.sequence_parallel as ``estimate_activation_bytes`` counts them."""
     total, adapters, rank = parameter_counts(config)
-    gb, m, ranks = 2**30, config.model, config.train.sequence_parallel
-    output = sum(segment_lengths) * m.in_channels * m.patch_size**2 * 4  # the gathered fp32 prediction and its grad
-    activations = {f: (estimate_activation_bytes(m, segment_lengths, 2, f) / ranks + (output if ranks > 1 else 0)) / gb
-                   for f in (0.0, 1.0)}
+    gb, ranks = 2**30, config.train.sequence_parallel
+    activations = {f: estimate_activation_bytes(config.model, segment_lengths, 2, f, ranks) / gb for f in (0.0, 1.0)}
     rows = []
     for parallel, shards in (("fsdp", world_size), ("ddp", 1)):
         for name, trained, frozen in (("full", total, 0), (f"lora-r{rank}", adapters, total)):
