@@ -86,8 +86,8 @@ def test_every_architecture_split_over_two_ranks_computes_what_it_computes_whole
     """mmdit, flux and mmdit-sd3 (4 heads, temporal causal) on a packed batch of all three stages, several frames
     and a video unit with two history parts: the output of the split model (gathered) equals the whole model's and
     the gradients summed over the group equal the whole model's, within 1e-5 of their size (fp32). Each rank keeps
-    for backward little more than half the activations (0.55-0.56 here: per-run conditioning and the gathered output
-    stay whole on every rank, which matters less as width grows)."""
+    for backward under 0.6 of the activations (per-run conditioning and the gathered output stay whole on every rank,
+    which matters less as width grows; BENCHMARKS.md has the measured share)."""
     check_split_models(tmp_path, ["all-to-all"] if path == "all-to-all" else [])
 
 

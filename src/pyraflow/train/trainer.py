@@ -255,15 +255,16 @@ class Trainer:
         stage_count = torch.zeros(k, device=device)
         total_loss = torch.zeros((), device=device)
         tokens, waited = 0, 0.0
+        # the ranks of a sequence-parallel group each hold part of the gradient of the same loss, which data
+        # parallelism averages over the whole world: scaled by the group size, the sum over the group remains
+        scale = self.info.sequence_ranks / tc.grad_accum
         for micro in range(tc.grad_accum):
             packed, n_tokens, wait = self._next_batch()
             sync = micro == tc.grad_accum - 1 or not hasattr(self.wrapped, "no_sync")
             context = self.wrapped.no_sync() if not sync else contextlib.nullcontext()
             with context:
                 loss, per_sample, stages = self._loss(packed)
-                # the ranks of a sequence-parallel group each hold part of the gradient of the same loss, which data
-                # parallelism averages over the whole world: scaled by the group size, the sum over the group remains
-                (loss * self.info.sequence_ranks / tc.grad_accum).backward()
+                (loss * scale).backward()
             total_loss += loss.detach() / tc.grad_accum
             tokens += n_tokens
             waited += wait
@@ -272,9 +273,10 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         grad_norm = full_tensor(grad_norm).float()
         if self.info.enabled:
-            owner = float(self.info.sequence_rank == 0)  # a group's batch is counted once
-            stats = all_reduce_sum(torch.cat([stage_sum * owner, stage_count * owner,
-                                              total_loss[None] / self.info.world_size]))
+            if self.info.sequence_rank:  # a sequence-parallel group's batch is counted once, by its first rank
+                stage_sum.zero_()
+                stage_count.zero_()
+            stats = all_reduce_sum(torch.cat([stage_sum, stage_count, total_loss[None] / self.info.world_size]))
             stage_sum, stage_count, total_loss = stats[:k], stats[k : 2 * k], stats[-1]
         finite = torch.isfinite(total_loss) & torch.isfinite(grad_norm)
         self._optimizer_step(finite)
