@@ -142,11 +142,22 @@ def valid_keys(text_lengths: list[int], others: int) -> torch.Tensor:
     return valid
 
 
-def text_batch(text: torch.Tensor, text_lengths: list[int], padded: bool) -> torch.Tensor:
-    """A group's text tokens (sum of lengths, H, Dh) -> (G, Lt, H, Dh), zero-padded where lengths differ."""
-    if padded:
-        return torch.nn.utils.rnn.pad_sequence(text.split(text_lengths), batch_first=True)
-    return text.view(len(text_lengths), -1, *text.shape[1:])
+def pad_positions(text_lengths: list[int], device: torch.device) -> torch.Tensor | None:
+    """Each text row's place in the flat (G * Lt) grid of a group padded to its longest text; None when no
+    lengths differ (no padding)."""
+    lt = max(text_lengths)
+    if min(text_lengths) == lt:
+        return None
+    return torch.cat([torch.arange(n) + j * lt for j, n in enumerate(text_lengths)]).to(device)
+
+
+def text_batch(text: torch.Tensor, text_lengths: list[int], pad_index: torch.Tensor | None = None) -> torch.Tensor:
+    """A group's text tokens (sum of lengths, H, Dh) -> (G, Lt, H, Dh), zero-padded where lengths differ:
+    ``pad_index`` places each row in the flat (G * Lt) grid (GroupSlices.pad_index); None when none differ."""
+    if pad_index is None:
+        return text.view(len(text_lengths), -1, *text.shape[1:])
+    grid = text.new_zeros(len(text_lengths) * max(text_lengths), *text.shape[1:])
+    return grid.index_copy(0, pad_index, text).view(len(text_lengths), max(text_lengths), *text.shape[1:])
 
 
 def joint_order(layout: Layout, text_step: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -192,14 +203,11 @@ class GroupSlices:
     count: int  # G
     text_lengths: list[int]
     mask: torch.Tensor | None  # None, (G, 1, 1, L) key padding, or (G, 1, L, L) causal
+    pad_index: torch.Tensor | None  # where lengths differ: each text row's place in the (G * Lt) padded grid
 
     @property
     def text_max(self) -> int:
         return max(self.text_lengths)
-
-    @property
-    def padded(self) -> bool:
-        return min(self.text_lengths) != self.text_max
 
 
 class GroupedAttention:
@@ -223,7 +231,8 @@ class GroupedAttention:
             self.groups.append(GroupSlices(
                 text=(layout.text_offsets[first], layout.text_offsets[last]),
                 visual=(group.visual_start, group.visual_start + count * lv),
-                count=count, text_lengths=text_lengths, mask=None if mask is None else mask.to(device)))
+                count=count, text_lengths=text_lengths, mask=None if mask is None else mask.to(device),
+                pad_index=pad_positions(text_lengths, device)))
         self.text_sizes = [g.text[1] - g.text[0] for g in self.groups]
         self.visual_sizes = [g.visual[1] - g.visual[0] for g in self.groups]
 
@@ -236,14 +245,14 @@ class GroupedAttention:
         for i, g in enumerate(self.groups):
             joint = []
             for t, v in zip(text_parts, visual_parts):
-                t_part = text_batch(t[i], g.text_lengths, g.padded)
+                t_part = text_batch(t[i], g.text_lengths, g.pad_index)
                 joint.append(torch.cat([t_part, v[i].view(g.count, -1, heads, dim)], dim=1).transpose(1, 2))
             o = F.scaled_dot_product_attention(*joint, attn_mask=g.mask).transpose(1, 2)  # (G, L, H, Dh)
             visual_out.append(o[:, g.text_max :].reshape(-1, heads, dim))
-            if g.padded:
-                text_out += [o[j, :n] for j, n in enumerate(g.text_lengths)]
-            else:
-                text_out.append(o[:, : g.text_max].reshape(-1, heads, dim))
+            text_o = o[:, : g.text_max].reshape(-1, heads, dim)
+            # one gather (its backward one index_add) rather than a slice per segment, whose backward each
+            # writes a zero-filled copy of the whole group
+            text_out.append(text_o if g.pad_index is None else text_o.index_select(0, g.pad_index))
         return torch.cat(text_out), torch.cat(visual_out)
 
 
@@ -356,6 +365,7 @@ class PrefixGroup:
     count: int
     text_lengths: list[int]
     mask: torch.Tensor | None  # (G, 1, 1, L) key padding where text lengths differ
+    pad_index: torch.Tensor | None  # as GroupSlices.pad_index
 
 
 class PrefixAttention:
@@ -384,7 +394,8 @@ class PrefixAttention:
                 text=(layout.text_offsets[first], layout.text_offsets[last]),
                 history=(prefix.visual_offsets[first], prefix.visual_offsets[last]),
                 visual=(group.visual_start, group.visual_start + len(text_lengths) * lv),
-                count=len(text_lengths), text_lengths=text_lengths, mask=mask))
+                count=len(text_lengths), text_lengths=text_lengths, mask=mask,
+                pad_index=pad_positions(text_lengths, device)))
 
     def __call__(self, visual: QKV, cached: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Predicted tokens (N, heads, head_dim) attend to cached (k_text, v_text, k_history, v_history) and themselves."""
@@ -397,7 +408,7 @@ class PrefixAttention:
                 return x[span[0] : span[1]].reshape(g.count, -1, heads, dim)
 
             def text_part(x):
-                return text_batch(x[g.text[0] : g.text[1]], g.text_lengths, g.mask is not None)
+                return text_batch(x[g.text[0] : g.text[1]], g.text_lengths, g.pad_index)
 
             keys = torch.cat([text_part(k_text), view(k_hist, g.history), view(k, g.visual)], dim=1).transpose(1, 2)
             values = torch.cat([text_part(v_text), view(v_hist, g.history), view(v, g.visual)], dim=1).transpose(1, 2)

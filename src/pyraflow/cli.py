@@ -48,14 +48,22 @@ def _memory_kwargs(args) -> dict:
     return kwargs
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} must be >= {least}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
 
 
 def _device(name: str | None):
@@ -154,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", metavar="DEVICE", help="where to sample: cpu, cuda, ... (default: cuda when present)")
     evaluate.add_argument("--solver", choices=("euler", "heun"), help="ODE step per stage (default: the run's)")
     evaluate.add_argument("--raw", action="store_true", help="score the raw weights instead of the EMA")
+    evaluate.add_argument("--match", type=_non_negative_int, metavar="N",
+                          help="samples of training captions for the caption match (default: --num; 0 skips it)")
     evaluate.add_argument("--stages", metavar="FILE.png",
                           help="also measure high-frequency energy at every stage's end and write a grid of the stages")
 
@@ -400,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
 
             result = evaluate(args.checkpoint, args.num, args.seed, args.steps, args.guidance, progress=not args.json,
                               device=_device(args.device), solver=args.solver, use_ema=not args.raw,
-                              stages=args.stages)
+                              stages=args.stages, match=args.match)
             if args.json:
                 print(json.dumps(result, indent=2))
             else:
@@ -411,6 +421,14 @@ def main(argv: list[str] | None = None) -> int:
                           f"{100 * result['classifier_heldout_accuracy']:.1f}%)")
                 elif "digit_accuracy_error" in result:
                     print(f"digit accuracy: not scored ({result['digit_accuracy_error']})")
+                matched = result.get("caption_match")
+                if matched:
+                    print(f"caption match: {100 * matched['top1']:.1f}% of {matched['num_samples']} samples nearest to "
+                          f"their own caption's picture, {100 * matched['top5']:.1f}% within the nearest 5 (chance "
+                          f"{100 * matched['chance_top1']:.2f}% / {100 * matched['chance_top5']:.2f}%; "
+                          f"{matched['reference']})")
+                elif "caption_match_error" in result:
+                    print(f"caption match: not scored ({result['caption_match_error']})")
                 if "hf_energy" in result:
                     hf = result["hf_energy"]
                     print(f"high-frequency energy: generated {hf['generated']:.4f}, real {hf['real']:.4f}")

@@ -8,6 +8,11 @@ with numbers from this same metric. For ``mnist`` the real images are the 500 he
 Digit accuracy (mnist): a small CNN trained on the 4,500 training digits labels each sample; the
 score is the share recognised as the prompted digit. The classifier's own accuracy on the held-out
 digits is reported beside it.
+
+Caption match (any captioned image dataset): samples of training captions, each compared with every
+training picture at 16x16 RGB; the share whose nearest picture carries the sample's own caption (and
+whose nearest five include one), beside what chance gives. It asks whether a sample is *the* picture its
+caption names, which a feature-statistics FID does not.
 """
 
 from __future__ import annotations
@@ -63,6 +68,69 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         root = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
     root = root.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+MATCH_SIDE = 16  # pictures are compared at this side: colour and layout, what early training gets right
+MATCH_TOP = 5
+
+
+Pictures = torch.Tensor | list[torch.Tensor]  # (B, C, H, W), or such batches of several sizes
+
+
+def caption_match(samples: Pictures, prompts: list[str], pictures: Pictures, captions: list[str]) -> dict:
+    """How often a sample is the picture its caption names: samples (B, C, H, W) made from ``prompts``, the
+    training ``pictures`` (N, C, H', W') with their ``captions``, all in [-1, 1] (either may be a list of batches
+    of different sizes, in the order of their prompts / captions). Each sample's nearest pictures
+    by L2 distance at MATCH_SIDE x MATCH_SIDE (area-downsampled); ``top1``: the share whose nearest picture has the
+    sample's caption, ``top5``: whose nearest MATCH_TOP include one; ``rank_mean``: how many other pictures lie
+    nearer than the caption's own, on average over samples whose caption has a picture (a graded score for early
+    training, when few samples are their picture yet); ``chance_*``: the same for a random pick.
+
+    Pixels rather than network features: at 16 px a blurry early sample still shows its glyph's colours and
+    layout, which EfficientNet features of a 64 px upsampling do not retrieve (BENCHMARKS.md compares the two)."""
+    def small(x: Pictures) -> torch.Tensor:
+        batches = [x] if isinstance(x, torch.Tensor) else x
+        return torch.cat([F.interpolate(b.float().clamp(-1, 1), size=(MATCH_SIDE, MATCH_SIDE), mode="area").flatten(1)
+                          for b in batches])
+
+    generated, reference = small(samples), small(pictures)
+    if generated.shape[1] != reference.shape[1]:
+        raise ValueError(f"samples have {generated.shape[1] // MATCH_SIDE ** 2} channels, the training pictures "
+                         f"{reference.shape[1] // MATCH_SIDE ** 2}.")
+    if len(generated) != len(prompts) or len(reference) != len(captions):
+        raise ValueError("caption_match needs one prompt per sample and one caption per picture.")
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    picture_ids = torch.tensor([ids[c] for c in captions])
+    wanted = torch.tensor([ids.get(c, -1) for c in prompts])
+    top = min(MATCH_TOP, len(captions))
+    nearest, ranks = [], []
+    for rows, want in zip(generated.split(256), wanted.split(256)):
+        distances = torch.cdist(rows, reference)  # (b, N)
+        nearest.append(distances.topk(top, dim=1, largest=False).indices)
+        own = picture_ids[None, :] == want[:, None]
+        closest_own = distances.masked_fill(~own, float("inf")).amin(1, keepdim=True)
+        ranks.append((distances < closest_own).sum(1))  # other pictures nearer than the caption's nearest own one
+    hits = picture_ids[torch.cat(nearest)] == wanted[:, None]
+    known = wanted >= 0
+    counts = torch.bincount(picture_ids, minlength=len(ids)).double()
+    n = len(captions)
+    shares = torch.where(known, counts[wanted.clamp(min=0)], torch.zeros(len(prompts), dtype=torch.double))
+    misses = torch.ones(len(prompts), dtype=torch.double)
+    for i in range(top):  # P(none of `top` distinct random pictures has the caption)
+        misses = misses * ((n - shares - i) / (n - i)).clamp(min=0)
+    rank = torch.cat(ranks)[known].double()
+    # chance: with m of N pictures the caption's, in random order, (N - m) / (m + 1) others come before the first
+    chance_rank = ((n - shares) / (shares + 1))[known]
+    return {"top1": float(hits[:, 0].float().mean()), f"top{MATCH_TOP}": float(hits.any(1).float().mean()),
+            "chance_top1": float((shares / n).mean()), f"chance_top{MATCH_TOP}": float((1 - misses).mean()),
+            "rank_mean": float(rank.mean()) if len(rank) else None,
+            "chance_rank_mean": float(chance_rank.mean()) if len(rank) else None,
+            "num_samples": len(prompts), "reference": f"{n} training pictures at {MATCH_SIDE}x{MATCH_SIDE}"}
+
+
+def spread(items: list, num: int) -> list:
+    """``num`` items spread evenly over ``items`` (cycling when num exceeds them)."""
+    return [items[(i * len(items)) // num % len(items)] for i in range(num)]
 
 
 CLASSIFIER_SIDE = 32  # the digit classifier sees grey 32 x 32 digits, whatever size and channels a run has
@@ -131,6 +199,18 @@ def _mnist_pixels(config, split: str, data_config=None) -> tuple[torch.Tensor, t
     dataset = MnistDigits(data_config or config.data, split)
     pixels = torch.stack([dataset[i].pixels[:, 0] for i in range(len(dataset))])
     return pixels, torch.as_tensor(dataset.labels)
+
+
+def training_pictures(pipeline) -> tuple[torch.Tensor, list[str]]:
+    """A square-image run's training pictures (N, C, H, W) in [-1, 1] with their captions."""
+    from pyraflow.data import caption_for_digit, encode_dataset
+
+    config = pipeline.config
+    if config.data.dataset == "mnist":
+        pictures, labels = _mnist_pixels(config, "train")
+        return pictures, [caption_for_digit(int(d)) for d in labels]
+    training = encode_dataset(config.data, pipeline.text_encoder, pipeline.latent_space, split="train")
+    return pipeline.latent_space.decode(training.latents)[:, :, 0], training.captions
 
 
 def digit_classifier(config, cache: Path | None = None) -> tuple[DigitClassifier, float]:
@@ -202,7 +282,8 @@ def evaluate_shapes(pipeline, num: int, seed: int, steps: int | None, guidance: 
                     progress: bool) -> dict:
     """FID (EfficientNet-Lite0) of a run trained at native shapes: ``num`` samples, each made at the bucket (and with
     the caption) of a training sample spread over the dataset, against the training pictures; features are taken
-    per shape (the network sees every picture resized to 64 x 64)."""
+    per shape (the network sees every picture resized to 64 x 64). Caption match compares the same samples with
+    the training pictures, every one resized to 16 x 16 whatever its shape."""
     from tqdm import tqdm
 
     from pyraflow.data import build_dataset, iterate_samples, resolve_buckets
@@ -210,22 +291,28 @@ def evaluate_shapes(pipeline, num: int, seed: int, steps: int | None, guidance: 
     config = pipeline.config
     buckets = resolve_buckets(config)
     real = list(iterate_samples(build_dataset(config.data, buckets=buckets)))
-    picks = [real[(i * len(real)) // num % len(real)] for i in range(num)]
+    picks = spread(real, num)
     network = _efficientnet()
     step_list = [steps] * pipeline.schedule.num_stages if steps else None
     generated, reference, per_bucket = [], [], {}
+    samples, sample_prompts, pictures, captions = [], [], [], []
     for b, bucket in enumerate(tqdm(buckets, desc="sampling per bucket", disable=not progress)):
         prompts = [p.caption for p in picks if p.bucket == b]
-        pictures = [r.pixels[:, 0] for r in real if r.bucket == b]
-        if pictures:
-            reference.append(efficientnet_features(torch.stack(pictures), network))
+        bucket_pictures = [r.pixels[:, 0] for r in real if r.bucket == b]
+        if bucket_pictures:
+            pictures.append(torch.stack(bucket_pictures))
+            captions += [r.caption for r in real if r.bucket == b]
+            reference.append(efficientnet_features(pictures[-1], network))
         if prompts:
             pixels, _ = pipeline.generate(prompts, seed + b, step_list, guidance, solver, size=(bucket.height, bucket.width))
-            generated.append(efficientnet_features(pixels[:, :, 0], network))
-        per_bucket[bucket.name] = {"samples": len(prompts), "training_pictures": len(pictures)}
+            samples.append(pixels[:, :, 0])
+            sample_prompts += prompts
+            generated.append(efficientnet_features(samples[-1], network))
+        per_bucket[bucket.name] = {"samples": len(prompts), "training_pictures": len(bucket_pictures)}
     return {"num_samples": num, "seed": seed, "fid_efficientnet_lite0": frechet_distance(np.concatenate(generated),
                                                                                           np.concatenate(reference)),
-            "fid_reference": f"{len(real)} training pictures at their buckets", "per_bucket": per_bucket}
+            "fid_reference": f"{len(real)} training pictures at their buckets", "per_bucket": per_bucket,
+            "caption_match": caption_match(samples, sample_prompts, pictures, captions)}
 
 
 def motion_statistics(videos: torch.Tensor) -> dict:
@@ -241,10 +328,12 @@ def motion_statistics(videos: torch.Tensor) -> dict:
 def evaluate(checkpoint: str | Path, num: int = 200, seed: int = 0, steps: int | None = None,
              guidance: float | None = None, batch: int = 100, progress: bool = True,
              device: torch.device | str | None = None, solver: str | None = None, use_ema: bool = True,
-             stages: Path | None = None) -> dict:
+             stages: Path | None = None, match: int | None = None) -> dict:
     """Sample ``num`` images (spread evenly over the ten digits for mnist) on ``device`` (default: CUDA when present)
     and score them; for videos, FID is on first frames and ``motion`` compares frame-to-frame change with real
-    clips. ``stages``: also diagnose the cascade (``stage_report``), writing its per-stage grid there."""
+    clips. ``stages``: also diagnose the cascade (``stage_report``), writing its per-stage grid there. ``match``:
+    samples for ``caption_match`` (default ``num``; 0 skips it); where FID's prompts are held-out captions, these
+    are extra samples of training captions."""
     from tqdm import tqdm
 
     from pyraflow.data import caption_for_digit, encode_dataset
@@ -266,15 +355,19 @@ def evaluate(checkpoint: str | Path, num: int = 200, seed: int = 0, steps: int |
         prompts = [caption_for_digit(d) for d in digits]
     else:  # the held-out split's captions where the dataset keeps one, else the training data's
         data = encode_dataset(config.data, pipeline.text_encoder, pipeline.latent_space, split=split)
-        prompts = [data.captions[(i * len(data)) // num % len(data)] for i in range(num)]  # spread over the dataset
+        prompts = spread(data.captions, num)
     step_list = [steps] * pipeline.schedule.num_stages if steps else None
+
+    def generate(prompts: list[str], desc: str) -> torch.Tensor:
+        chunks = []
+        for i in tqdm(range(0, len(prompts), batch), desc=desc, disable=not progress):
+            pixels, _ = pipeline.generate(prompts[i : i + batch], seed=seed + i, steps=step_list, guidance=guidance,
+                                          solver=solver)
+            chunks.append(pixels)
+        return torch.cat(chunks)
+
     started = time.perf_counter()
-    chunks = []
-    for i in tqdm(range(0, num, batch), desc="sampling for eval", disable=not progress):
-        pixels, _ = pipeline.generate(prompts[i : i + batch], seed=seed + i, steps=step_list, guidance=guidance,
-                                      solver=solver)
-        chunks.append(pixels)
-    videos = torch.cat(chunks)
+    videos = generate(prompts, "sampling for eval")
     samples = videos[:, :, 0]
     sample_seconds = time.perf_counter() - started
     if is_mnist:
@@ -308,6 +401,18 @@ def evaluate(checkpoint: str | Path, num: int = 200, seed: int = 0, steps: int |
             "note": "mean absolute pixel change (pixels in [-1, 1]) between consecutive frames, and between frames of "
                     "two videos half the set apart at the same time index (what a cut to another video would give)",
         }
+    match = num if match is None else match
+    if match and videos.shape[2] > 1:
+        result["caption_match"] = None
+        result["caption_match_error"] = "video runs: caption match scores pictures, not clips"
+    elif match:
+        pictures, captions = (real, data.captions) if split == "train" and not is_mnist else training_pictures(pipeline)
+        if match == num and (is_mnist or split == "train"):  # FID's samples are of training captions already
+            match_prompts, match_samples = prompts, samples
+        else:
+            match_prompts = [caption_for_digit(i % 10) for i in range(match)] if is_mnist else spread(captions, match)
+            match_samples = generate(match_prompts, "sampling for caption match")[:, :, 0]
+        result["caption_match"] = caption_match(match_samples, match_prompts, pictures, captions)
     if is_mnist:
         try:
             classifier, heldout_accuracy = digit_classifier(config, path.parent.parent / "eval" / DIGIT_CLASSIFIER)

@@ -94,6 +94,10 @@ def test_minutes_to_reach_interpolates_between_checkpoints():
     assert study.minutes_to_reach(curve, 100.0) == 1.0
     assert study.minutes_to_reach(curve, 45.0) == pytest.approx(2.5)
     assert study.minutes_to_reach(curve, 30.0) is None
+    rising = [(1.0, 0.1), (2.0, 0.5), (3.0, 0.6)]  # caption match: higher is better
+    assert study.minutes_to_reach(rising, 0.3, higher_is_better=True) == pytest.approx(1.5)
+    assert study.minutes_to_reach(rising, 0.05, higher_is_better=True) == 1.0
+    assert study.minutes_to_reach(rising, 0.7, higher_is_better=True) is None
 
 
 def test_the_summary_finds_where_flat_and_the_best_pyramid_reach_each_other():
@@ -110,6 +114,21 @@ def test_the_summary_finds_where_flat_and_the_best_pyramid_reach_each_other():
     assert c["pyramid_minutes_to_flat_final"] == pytest.approx(2 + 2 * (310 - 250) / (310 - 210))
     assert c["flat_minutes_to_pyramid_final"] is None
     assert result["variants"]["25-50-25"]["curve_mean"] == [(2, 310), (4, 210)]
+    assert "caption_match_crossing" not in result  # no curve point has one
+
+
+def test_the_summary_times_caption_match_where_every_checkpoint_has_one():
+    def run(curve, flat=False):
+        return {"fid_efficientnet_lite0": 1.0, "curve": [{"minutes": m, "fid": 1.0, "caption_match": c}
+                                                          for m, c in curve],
+                **({"equal_sampling_compute_steps": 15} if flat else {})}
+
+    runs = {"25-50-25": [run([(2, 0.2), (4, 0.6)]), run([(2, 0.4), (4, 0.8)])],  # mean (2, 0.3), (4, 0.7)
+            "flat": [run([(2, 0.1), (4, 0.5)], flat=True)]}
+    c = study.summarise(runs, {})["caption_match_crossing"]
+    assert (c["flat_final"], c["pyramid_final"]) == pytest.approx((0.5, 0.7))
+    assert c["pyramid_minutes_to_flat_final"] == pytest.approx(2 + 2 * (0.5 - 0.3) / (0.7 - 0.3))
+    assert c["flat_minutes_to_pyramid_final"] is None
 
 
 def test_the_study_plot_has_one_panel_per_study(tmp_path):
@@ -157,6 +176,8 @@ def test_a_tiny_study_scores_every_checkpoint_and_flat_at_the_pyramids_sampling_
     assert flat_run["equal_sampling_steps"]["steps"] == 30
     assert result["arms"]["flat-lr"] == study.FLAT + ["train.lr=2e-3"]
     assert result["crossing"]["flat"] == "flat-lr"
+    assert all(0 <= p["caption_match"] <= 1 for row in result["variants"].values() for p in row["runs"][0]["curve"])
+    assert result["caption_match_crossing"]["flat"] == "flat-lr"
 
 
 def test_the_block_noise_off_arm_samples_jumps_with_independent_noise():

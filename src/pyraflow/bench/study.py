@@ -178,25 +178,28 @@ def training_minutes_at(rows: list[dict], step: int) -> float:
     return total / 60
 
 
-def minutes_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
-    """The first minute at which a (minutes, FID) curve reaches ``target``, interpolated linearly between its points;
-    None if it never does."""
+def minutes_to_reach(curve: list[tuple[float, float]], target: float, higher_is_better: bool = False) -> float | None:
+    """The first minute at which a (minutes, score) curve reaches ``target`` (FID: at or below it; with
+    ``higher_is_better``, e.g. caption match: at or above it), interpolated linearly between its points; None if it
+    never does."""
+    sign = -1 if higher_is_better else 1
     previous = None
-    for minutes, fid in curve:
-        if fid <= target:
+    for minutes, score in curve:
+        if sign * score <= sign * target:
             if previous is None:
                 return minutes
-            (m0, f0), (m1, f1) = previous, (minutes, fid)
+            (m0, f0), (m1, f1) = previous, (minutes, score)
             return m0 + (m1 - m0) * (f0 - target) / (f0 - f1)
-        previous = (minutes, fid)
+        previous = (minutes, score)
     return None
 
 
-def mean_curve(runs: list[dict]) -> list[tuple[float, float]]:
-    """FID against training minutes averaged over seeds, checkpoint by checkpoint."""
+def mean_curve(runs: list[dict], key: str = "fid") -> list[tuple[float, float]]:
+    """A score (``key`` of each curve point: fid, caption_match) against training minutes averaged over seeds,
+    checkpoint by checkpoint."""
     points = min(len(r["curve"]) for r in runs)
     return [(statistics.mean(r["curve"][i]["minutes"] for r in runs),
-             statistics.mean(r["curve"][i]["fid"] for r in runs)) for i in range(points)]
+             statistics.mean(r["curve"][i][key] for r in runs)) for i in range(points)]
 
 
 def quality_study(out_dir: str | Path, minutes: float = 10.0, seeds: list[int] | tuple[int, ...] = (0,),
@@ -261,7 +264,8 @@ def train_and_score(config, base, run_dir: Path, seed: int, num_eval: int, progr
         step = int(step_dir.name[5:])
         result = fid(step_dir, curve_steps)
         curve.append({"step": step, "minutes": training_minutes_at(rows, step),
-                      "fid": result["fid_efficientnet_lite0"], "digit_accuracy": result.get("digit_accuracy")})
+                      "fid": result["fid_efficientnet_lite0"], "digit_accuracy": result.get("digit_accuracy"),
+                      "caption_match": (result.get("caption_match") or {}).get("top1")})
     if flat:
         n = sum(pyramid.sample.steps_per_stage(pyramid.schedule.stages))
         extra["equal_sampling_steps"] = {"steps": n, "fid": fid(run_dir, n)["fid_efficientnet_lite0"]}
@@ -283,6 +287,8 @@ def summarise(runs: dict[str, list[dict]], header: dict) -> dict:
     for name, r in runs.items():
         rows[name] = {"runs": r, "fid_mean": statistics.mean(x["fid_efficientnet_lite0"] for x in r),
                       "curve_mean": mean_curve(r)}
+        if all(p.get("caption_match") is not None for x in r for p in x["curve"]):
+            rows[name]["caption_match_curve_mean"] = mean_curve(r, "caption_match")
         accuracies = [x["digit_accuracy"] for x in r if x.get("digit_accuracy") is not None]
         if accuracies:
             rows[name]["digit_accuracy_mean"] = statistics.mean(accuracies)
@@ -302,6 +308,14 @@ def summarise(runs: dict[str, list[dict]], header: dict) -> dict:
             "pyramid_minutes_to_flat_final": minutes_to_reach(p_curve, f_curve[-1][1]),
             "flat_minutes_to_pyramid_final": minutes_to_reach(f_curve, p_curve[-1][1]),
         }
+        f_match, p_match = (rows[n].get("caption_match_curve_mean") for n in (best_flat, best_pyramid))
+        if f_match and p_match:
+            result["caption_match_crossing"] = {
+                "flat": best_flat, "pyramid": best_pyramid,
+                "flat_final": f_match[-1][1], "pyramid_final": p_match[-1][1],
+                "pyramid_minutes_to_flat_final": minutes_to_reach(p_match, f_match[-1][1], higher_is_better=True),
+                "flat_minutes_to_pyramid_final": minutes_to_reach(f_match, p_match[-1][1], higher_is_better=True),
+            }
     return result
 
 
