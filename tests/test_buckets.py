@@ -158,3 +158,10 @@ def test_a_bucketed_run_trains_from_its_own_cache_and_draws_three_shapes(tmp_pat
     assert Image.open(run / "samples" / "step-000003-48x24.png").size == (2 + 26, 2 + 50)  # a portrait sample
     assert (run / "cache" / "complete.json").is_file()  # prepared in the run directory, read row by row
     assert math.isclose(sum(1 for _ in (run / "cache").glob("shard-*.jsonl")), 5)  # a shard per bucket
+    from pyraflow.evaluation import evaluate
+
+    scores = evaluate(run, num=6, steps=1, progress=False)  # samples at their training pictures' buckets
+    assert sum(b["samples"] for b in scores["per_bucket"].values()) == 6 and scores["fid_efficientnet_lite0"] > 0
+    matched = scores["caption_match"]
+    assert matched["num_samples"] == 6 and 0 <= matched["top1"] <= matched["top5"] <= 1
+    assert "caption_match" not in evaluate(run, num=6, steps=1, progress=False, match=0)

@@ -11,7 +11,7 @@ digits is reported beside it.
 
 Caption match (any captioned image dataset): samples of training captions, each compared with every
 training picture at 16x16 RGB; the share whose nearest picture carries the sample's own caption (and
-whose nearest five include one), beside what chance gives. It asks whether a sample is *the* picture its
+whose nearest five include one) and the mean rank of the caption's own picture, beside what chance gives. It asks whether a sample is *the* picture its
 caption names, which a feature-statistics FID does not.
 """
 
@@ -347,9 +347,12 @@ def evaluate(checkpoint: str | Path, num: int = 200, seed: int = 0, steps: int |
     config = pipeline.config
     is_mnist = config.data.dataset == "mnist"
     split = "heldout" if config.data.dataset in HELDOUT_DATASETS else "train"
-    if config.data.bucketed and not is_mnist:
-        return {"checkpoint": str(path), "weights": "ema" if use_ema else "raw",
-                **evaluate_shapes(pipeline, num, seed, steps, guidance, solver, progress)}
+    if config.data.bucketed and not is_mnist:  # caption match on FID's own samples (training captions) unless match=0
+        result = {"checkpoint": str(path), "weights": "ema" if use_ema else "raw",
+                  **evaluate_shapes(pipeline, num, seed, steps, guidance, solver, progress)}
+        if match == 0:
+            del result["caption_match"]
+        return result
     if is_mnist:
         digits = [i % 10 for i in range(num)]
         prompts = [caption_for_digit(d) for d in digits]
