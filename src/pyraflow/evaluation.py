@@ -90,8 +90,8 @@ def caption_match(samples: Pictures, prompts: list[str], pictures: Pictures, cap
     layout, which EfficientNet features of a 64 px upsampling do not retrieve (BENCHMARKS.md compares the two)."""
     def small(x: Pictures) -> torch.Tensor:
         batches = [x] if isinstance(x, torch.Tensor) else x
-        return torch.cat([F.interpolate(b.float().clamp(-1, 1), size=(MATCH_SIDE, MATCH_SIDE), mode="area").flatten(1)
-                          for b in batches])
+        return torch.cat([F.interpolate(b.float().clamp(-1, 1), size=(MATCH_SIDE, MATCH_SIDE), mode="area").flatten(1).cpu()
+                          for b in batches])  # small on the host, wherever the pictures were decoded
 
     generated, reference = small(samples), small(pictures)
     if generated.shape[1] != reference.shape[1]:
@@ -202,15 +202,20 @@ def _mnist_pixels(config, split: str, data_config=None) -> tuple[torch.Tensor, t
 
 
 def training_pictures(pipeline) -> tuple[torch.Tensor, list[str]]:
-    """A square-image run's training pictures (N, C, H, W) in [-1, 1] with their captions."""
+    """A square-image run's training pictures with their captions, at MATCH_SIDE (N, C, 16, 16) in [-1, 1] for
+    ``caption_match``."""
     from pyraflow.data import caption_for_digit, encode_dataset
 
     config = pipeline.config
     if config.data.dataset == "mnist":
         pictures, labels = _mnist_pixels(config, "train")
-        return pictures, [caption_for_digit(int(d)) for d in labels]
+        return F.interpolate(pictures, size=(MATCH_SIDE, MATCH_SIDE), mode="area"), [caption_for_digit(int(d))
+                                                                                      for d in labels]
     training = encode_dataset(config.data, pipeline.text_encoder, pipeline.latent_space, split="train")
-    return pipeline.latent_space.decode(training.latents)[:, :, 0], training.captions
+    # decoded a chunk at a time and kept at the side caption_match compares at: memory per picture stays small
+    pictures = [F.interpolate(pipeline.latent_space.decode(chunk)[:, :, 0].float(), size=(MATCH_SIDE, MATCH_SIDE),
+                              mode="area").cpu() for chunk in training.latents.split(256)]
+    return torch.cat(pictures), training.captions
 
 
 def digit_classifier(config, cache: Path | None = None) -> tuple[DigitClassifier, float]:
