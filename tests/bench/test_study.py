@@ -94,10 +94,6 @@ def test_minutes_to_reach_interpolates_between_checkpoints():
     assert study.minutes_to_reach(curve, 100.0) == 1.0
     assert study.minutes_to_reach(curve, 45.0) == pytest.approx(2.5)
     assert study.minutes_to_reach(curve, 30.0) is None
-    rising = [(1.0, 0.1), (2.0, 0.5), (3.0, 0.6)]  # caption match: higher is better
-    assert study.minutes_to_reach(rising, 0.3, higher_is_better=True) == pytest.approx(1.5)
-    assert study.minutes_to_reach(rising, 0.05, higher_is_better=True) == 1.0
-    assert study.minutes_to_reach(rising, 0.7, higher_is_better=True) is None
 
 
 def test_the_summary_finds_where_flat_and_the_best_pyramid_reach_each_other():
@@ -117,17 +113,22 @@ def test_the_summary_finds_where_flat_and_the_best_pyramid_reach_each_other():
     assert "caption_match_crossing" not in result  # no curve point has one
 
 
-def test_the_summary_times_caption_match_where_every_checkpoint_has_one():
+def test_the_summary_times_caption_match_by_the_own_pictures_rank():
+    """Caption match is timed by its mean rank (lower is better), also where both arms' top-1 is 0; a checkpoint some
+    run has no rank for (a study rescored at a few checkpoints) is left out of the mean curve."""
     def run(curve, flat=False):
-        return {"fid_efficientnet_lite0": 1.0, "curve": [{"minutes": m, "fid": 1.0, "caption_match": c}
-                                                          for m, c in curve],
+        return {"fid_efficientnet_lite0": 1.0, "curve": [{"minutes": m, "fid": 1.0, "caption_match": 0.0,
+                                                          "caption_match_rank": r} for m, r in curve],
                 **({"equal_sampling_compute_steps": 15} if flat else {})}
 
-    runs = {"25-50-25": [run([(2, 0.2), (4, 0.6)]), run([(2, 0.4), (4, 0.8)])],  # mean (2, 0.3), (4, 0.7)
-            "flat": [run([(2, 0.1), (4, 0.5)], flat=True)]}
-    c = study.summarise(runs, {})["caption_match_crossing"]
-    assert (c["flat_final"], c["pyramid_final"]) == pytest.approx((0.5, 0.7))
-    assert c["pyramid_minutes_to_flat_final"] == pytest.approx(2 + 2 * (0.5 - 0.3) / (0.7 - 0.3))
+    runs = {"25-50-25": [run([(2, 900), (3, None), (4, 300)]), run([(2, 700), (3, 600), (4, 500)])],
+            "flat": [run([(2, 1000), (3, 900), (4, 650)], flat=True)]}
+    result = study.summarise(runs, {})
+    assert result["variants"]["25-50-25"]["caption_match_rank_curve_mean"] == [(2, 800), (4, 400)]
+    c = result["caption_match_crossing"]
+    assert (c["flat_final_rank"], c["pyramid_final_rank"]) == (650, 400)
+    assert (c["flat_final_top1"], c["pyramid_final_top1"]) == (0.0, 0.0)
+    assert c["pyramid_minutes_to_flat_final"] == pytest.approx(2 + 2 * (800 - 650) / (800 - 400))
     assert c["flat_minutes_to_pyramid_final"] is None
 
 
@@ -176,7 +177,8 @@ def test_a_tiny_study_scores_every_checkpoint_and_flat_at_the_pyramids_sampling_
     assert flat_run["equal_sampling_steps"]["steps"] == 30
     assert result["arms"]["flat-lr"] == study.FLAT + ["train.lr=2e-3"]
     assert result["crossing"]["flat"] == "flat-lr"
-    assert all(0 <= p["caption_match"] <= 1 for row in result["variants"].values() for p in row["runs"][0]["curve"])
+    assert all(0 <= p["caption_match"] <= 1 and p["caption_match_rank"] >= 0
+               for row in result["variants"].values() for p in row["runs"][0]["curve"])
     assert result["caption_match_crossing"]["flat"] == "flat-lr"
 
 

@@ -178,14 +178,12 @@ def training_minutes_at(rows: list[dict], step: int) -> float:
     return total / 60
 
 
-def minutes_to_reach(curve: list[tuple[float, float]], target: float, higher_is_better: bool = False) -> float | None:
-    """The first minute at which a (minutes, score) curve reaches ``target`` (FID: at or below it; with
-    ``higher_is_better``, e.g. caption match: at or above it), interpolated linearly between its points; None if it
-    never does."""
-    sign = -1 if higher_is_better else 1
+def minutes_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """The first minute at which a (minutes, score) curve of a lower-is-better score (FID, caption-match rank)
+    reaches ``target``, interpolated linearly between its points; None if it never does."""
     previous = None
     for minutes, score in curve:
-        if sign * score <= sign * target:
+        if score <= target:
             if previous is None:
                 return minutes
             (m0, f0), (m1, f1) = previous, (minutes, score)
@@ -195,11 +193,13 @@ def minutes_to_reach(curve: list[tuple[float, float]], target: float, higher_is_
 
 
 def mean_curve(runs: list[dict], key: str = "fid") -> list[tuple[float, float]]:
-    """A score (``key`` of each curve point: fid, caption_match) against training minutes averaged over seeds,
-    checkpoint by checkpoint."""
+    """A score (``key`` of each curve point: fid, caption_match, caption_match_rank) against training minutes
+    averaged over seeds, checkpoint by checkpoint; a checkpoint that some run has no score for (a study rescored
+    at a few checkpoints only) is left out."""
     points = min(len(r["curve"]) for r in runs)
     return [(statistics.mean(r["curve"][i]["minutes"] for r in runs),
-             statistics.mean(r["curve"][i][key] for r in runs)) for i in range(points)]
+             statistics.mean(r["curve"][i][key] for r in runs)) for i in range(points)
+            if all(r["curve"][i].get(key) is not None for r in runs)]
 
 
 def quality_study(out_dir: str | Path, minutes: float = 10.0, seeds: list[int] | tuple[int, ...] = (0,),
@@ -263,9 +263,10 @@ def train_and_score(config, base, run_dir: Path, seed: int, num_eval: int, progr
     for step_dir in sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:])):
         step = int(step_dir.name[5:])
         result = fid(step_dir, curve_steps)
+        matched = result.get("caption_match") or {}
         curve.append({"step": step, "minutes": training_minutes_at(rows, step),
                       "fid": result["fid_efficientnet_lite0"], "digit_accuracy": result.get("digit_accuracy"),
-                      "caption_match": (result.get("caption_match") or {}).get("top1")})
+                      "caption_match": matched.get("top1"), "caption_match_rank": matched.get("rank_mean")})
     if flat:
         n = sum(pyramid.sample.steps_per_stage(pyramid.schedule.stages))
         extra["equal_sampling_steps"] = {"steps": n, "fid": fid(run_dir, n)["fid_efficientnet_lite0"]}
@@ -287,8 +288,9 @@ def summarise(runs: dict[str, list[dict]], header: dict) -> dict:
     for name, r in runs.items():
         rows[name] = {"runs": r, "fid_mean": statistics.mean(x["fid_efficientnet_lite0"] for x in r),
                       "curve_mean": mean_curve(r)}
-        if all(p.get("caption_match") is not None for x in r for p in x["curve"]):
-            rows[name]["caption_match_curve_mean"] = mean_curve(r, "caption_match")
+        for key in ("caption_match", "caption_match_rank"):
+            if any(p.get(key) is not None for x in r for p in x["curve"]):
+                rows[name][f"{key}_curve_mean"] = mean_curve(r, key)
         accuracies = [x["digit_accuracy"] for x in r if x.get("digit_accuracy") is not None]
         if accuracies:
             rows[name]["digit_accuracy_mean"] = statistics.mean(accuracies)
@@ -308,13 +310,18 @@ def summarise(runs: dict[str, list[dict]], header: dict) -> dict:
             "pyramid_minutes_to_flat_final": minutes_to_reach(p_curve, f_curve[-1][1]),
             "flat_minutes_to_pyramid_final": minutes_to_reach(f_curve, p_curve[-1][1]),
         }
-        f_match, p_match = (rows[n].get("caption_match_curve_mean") for n in (best_flat, best_pyramid))
-        if f_match and p_match:
+        # Caption match is timed by the mean rank of each sample's own picture, not by top-1: early in training
+        # (128 px at ten minutes) every arm's top-1 is 0, and a crossing of two zeros would say nothing.
+        f_rank, p_rank = (rows[n].get("caption_match_rank_curve_mean") for n in (best_flat, best_pyramid))
+        if f_rank and p_rank:
+            f_top1, p_top1 = (rows[n].get("caption_match_curve_mean") or [(None, None)] for n in (best_flat, best_pyramid))
             result["caption_match_crossing"] = {
-                "flat": best_flat, "pyramid": best_pyramid,
-                "flat_final": f_match[-1][1], "pyramid_final": p_match[-1][1],
-                "pyramid_minutes_to_flat_final": minutes_to_reach(p_match, f_match[-1][1], higher_is_better=True),
-                "flat_minutes_to_pyramid_final": minutes_to_reach(f_match, p_match[-1][1], higher_is_better=True),
+                "flat": best_flat, "pyramid": best_pyramid, "timed_by": "caption_match_rank (lower is better)",
+                "flat_final_rank": f_rank[-1][1], "pyramid_final_rank": p_rank[-1][1],
+                "flat_final_top1": f_top1[-1][1], "pyramid_final_top1": p_top1[-1][1],
+                "flat_final_minutes": f_rank[-1][0], "pyramid_final_minutes": p_rank[-1][0],
+                "pyramid_minutes_to_flat_final": minutes_to_reach(p_rank, f_rank[-1][1]),
+                "flat_minutes_to_pyramid_final": minutes_to_reach(f_rank, p_rank[-1][1]),
             }
     return result
 
