@@ -48,6 +48,8 @@ DIAGNOSIS_VARIANTS = {
     "density-uniform": ["schedule.density=uniform"],
     "shift2": ["schedule.shift=2"],
     "equal-samples": [],
+    # more of the (nearly free) stage-0 samples, taken from stage 1: the emoji demo's mix
+    "50-30-20": ["batching.mix.ratio=[0.5, 0.3, 0.2]"],
 }
 ARMS = {**STUDY_VARIANTS, **DIAGNOSIS_VARIANTS}
 
