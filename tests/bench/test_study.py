@@ -84,6 +84,10 @@ def test_arms_are_named_settings_and_equal_samples_caps_batches_at_a_full_resolu
     full = base.text.max_tokens + 64  # 64 px, patch 8: 8 x 8 tokens at full resolution
     assert study.arm_settings("equal-samples", base) == [f"batching.max_samples={base.batching.token_budget // full}"]
     assert study.arm_settings("flat", base) == study.FLAT
+    for name in study.ARMS:  # every named arm's settings are valid overrides
+        load_config(EMOJI, study.arm_settings(name, base))
+    mix = load_config(EMOJI, ["batching.mix.ratio=25-50-25"] + study.arm_settings("50-30-20", base)).batching.mix
+    assert mix.ratio == [0.5, 0.3, 0.2]
     with pytest.raises(ValueError, match="unknown study arm 'flatt'.*--arm NAME"):
         study.arm_settings("flatt", base)
 
