@@ -427,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"their own caption's picture, {100 * matched['top5']:.1f}% within the nearest 5 (chance "
                           f"{100 * matched['chance_top1']:.2f}% / {100 * matched['chance_top5']:.2f}%; "
                           f"{matched['reference']})")
+                    if matched["rank_mean"] is not None:
+                        print(f"caption match: on average {matched['rank_mean']:.1f} other pictures lie nearer than the "
+                              f"caption's own (chance {matched['chance_rank_mean']:.1f})")
                 elif "caption_match_error" in result:
                     print(f"caption match: not scored ({result['caption_match_error']})")
                 if "hf_energy" in result:

@@ -11,8 +11,8 @@ digits is reported beside it.
 
 Caption match (any captioned image dataset): samples of training captions, each compared with every
 training picture at 16x16 RGB; the share whose nearest picture carries the sample's own caption (and
-whose nearest five include one) and the mean rank of the caption's own picture, beside what chance gives. It asks whether a sample is *the* picture its
-caption names, which a feature-statistics FID does not.
+whose nearest five include one) and the mean rank of the caption's own picture, beside what chance gives. It
+asks whether a sample is *the* picture its caption names, which a feature-statistics FID does not.
 """
 
 from __future__ import annotations
@@ -284,11 +284,11 @@ def stage_report(pipeline, prompts: list[str], seed: int, real: torch.Tensor, st
 
 
 def evaluate_shapes(pipeline, num: int, seed: int, steps: int | None, guidance: float | None, solver: str | None,
-                    progress: bool) -> dict:
+                    progress: bool, match: bool = True) -> dict:
     """FID (EfficientNet-Lite0) of a run trained at native shapes: ``num`` samples, each made at the bucket (and with
     the caption) of a training sample spread over the dataset, against the training pictures; features are taken
-    per shape (the network sees every picture resized to 64 x 64). Caption match compares the same samples with
-    the training pictures, every one resized to 16 x 16 whatever its shape."""
+    per shape (the network sees every picture resized to 64 x 64). ``match``: caption match of the same samples
+    against the training pictures, every one resized to MATCH_SIDE whatever its shape."""
     from tqdm import tqdm
 
     from pyraflow.data import build_dataset, iterate_samples, resolve_buckets
@@ -305,19 +305,23 @@ def evaluate_shapes(pipeline, num: int, seed: int, steps: int | None, guidance: 
         prompts = [p.caption for p in picks if p.bucket == b]
         bucket_pictures = [r.pixels[:, 0] for r in real if r.bucket == b]
         if bucket_pictures:
-            pictures.append(torch.stack(bucket_pictures))
-            captions += [r.caption for r in real if r.bucket == b]
-            reference.append(efficientnet_features(pictures[-1], network))
+            stacked = torch.stack(bucket_pictures)
+            if match:  # kept at the side caption_match compares at, not as a second full-size copy
+                pictures.append(F.interpolate(stacked.float().clamp(-1, 1), size=(MATCH_SIDE, MATCH_SIDE), mode="area"))
+                captions += [r.caption for r in real if r.bucket == b]
+            reference.append(efficientnet_features(stacked, network))
         if prompts:
             pixels, _ = pipeline.generate(prompts, seed + b, step_list, guidance, solver, size=(bucket.height, bucket.width))
             samples.append(pixels[:, :, 0])
             sample_prompts += prompts
             generated.append(efficientnet_features(samples[-1], network))
         per_bucket[bucket.name] = {"samples": len(prompts), "training_pictures": len(bucket_pictures)}
-    return {"num_samples": num, "seed": seed, "fid_efficientnet_lite0": frechet_distance(np.concatenate(generated),
-                                                                                          np.concatenate(reference)),
-            "fid_reference": f"{len(real)} training pictures at their buckets", "per_bucket": per_bucket,
-            "caption_match": caption_match(samples, sample_prompts, pictures, captions)}
+    result = {"num_samples": num, "seed": seed, "fid_efficientnet_lite0": frechet_distance(np.concatenate(generated),
+                                                                                            np.concatenate(reference)),
+              "fid_reference": f"{len(real)} training pictures at their buckets", "per_bucket": per_bucket}
+    if match:
+        result["caption_match"] = caption_match(samples, sample_prompts, pictures, captions)
+    return result
 
 
 def motion_statistics(videos: torch.Tensor) -> dict:
@@ -353,11 +357,8 @@ def evaluate(checkpoint: str | Path, num: int = 200, seed: int = 0, steps: int |
     is_mnist = config.data.dataset == "mnist"
     split = "heldout" if config.data.dataset in HELDOUT_DATASETS else "train"
     if config.data.bucketed and not is_mnist:  # caption match on FID's own samples (training captions) unless match=0
-        result = {"checkpoint": str(path), "weights": "ema" if use_ema else "raw",
-                  **evaluate_shapes(pipeline, num, seed, steps, guidance, solver, progress)}
-        if match == 0:
-            del result["caption_match"]
-        return result
+        return {"checkpoint": str(path), "weights": "ema" if use_ema else "raw",
+                **evaluate_shapes(pipeline, num, seed, steps, guidance, solver, progress, match=match != 0)}
     if is_mnist:
         digits = [i % 10 for i in range(num)]
         prompts = [caption_for_digit(d) for d in digits]

@@ -313,7 +313,7 @@ def summarise(runs: dict[str, list[dict]], header: dict) -> dict:
             "flat_minutes_to_pyramid_final": minutes_to_reach(f_curve, p_curve[-1][1]),
         }
         # Caption match is timed by the mean rank of each sample's own picture, not by top-1: early in training
-        # (128 px at ten minutes) every arm's top-1 is 0, and a crossing of two zeros would say nothing.
+        # every arm's top-1 can be 0, and a crossing of two zeros would say nothing.
         f_rank, p_rank = (rows[n].get("caption_match_rank_curve_mean") for n in (best_flat, best_pyramid))
         if f_rank and p_rank:
             f_top1, p_top1 = (rows[n].get("caption_match_curve_mean") or [(None, None)] for n in (best_flat, best_pyramid))
