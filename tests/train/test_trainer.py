@@ -400,3 +400,41 @@ def test_fresh_adapters_of_a_sharded_run_follow_peft_and_repeat_per_tensor():
     bound = 1 / 256**0.5  # Kaiming-uniform with a = sqrt(5), as peft initialises lora_A
     assert a.abs().max() <= bound and a.std().item() == pytest.approx(bound / 3**0.5, rel=0.02)
     assert not fresh_adapter(name.replace("lora_A", "lora_B"), shape, 0).any()
+
+
+def test_a_sharded_run_lets_go_of_its_model_before_it_destroys_the_process_group(tmp_path, monkeypatch):
+    """FSDP's state and its module hold each other (and the group) in reference cycles; left to the interpreter's
+    exit, their collection tears the group's threads down while Python finalises, which aborted a rank now and then.
+    run_training (a one-rank world in this process, as torchrun describes it) frees the model first."""
+    import gc
+    import socket
+    import weakref
+
+    import torch.distributed as dist
+
+    import pyraflow.train.loop as loop
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    models, alive_at_destroy = [], []
+
+    class Recorded(loop.Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            models.append(weakref.ref(self.model))
+
+    destroy = dist.destroy_process_group
+    monkeypatch.setattr(loop, "Trainer", Recorded)
+    monkeypatch.setattr(dist, "destroy_process_group",
+                        lambda *a, **k: (alive_at_destroy.append(models[0]() is not None), destroy(*a, **k)))
+    gc.disable()  # only the collection the code asks for
+    try:
+        loop.run_training(tiny("train.parallel=fsdp", "train.steps=1", "train.sample_every=0"), tmp_path / "run",
+                          progress=False)
+    finally:
+        gc.enable()
+    assert len(models) == 1 and alive_at_destroy == [False] and not dist.is_initialized()

@@ -36,17 +36,20 @@ def main() -> None:
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
     config = load_config(None, overrides)
     with process_group(config.train.collective_timeout_minutes) as info:
-        trainer = Trainer(config, out, progress=False, info=info)
-        inject_failure(trainer)
-        train(trainer)
-        local = [full_tensor(p).detach().double() for p in trainer.params]
-        mine = torch.tensor([sum(float(t.sum()) for t in local), sum(float(t.square().sum()) for t in local)],
-                            dtype=torch.float64, device=info.device)
-        gathered = [torch.zeros_like(mine) for _ in range(info.world_size)]
-        dist.all_gather(gathered, mine)
-        if info.is_main:
-            (out / "rank_checksums.json").write_text(json.dumps([g.cpu().tolist() for g in gathered]))
+        train_and_check(config, out, info)  # its trainer is gone before the group is
 
+
+def train_and_check(config, out: Path, info) -> None:
+    trainer = Trainer(config, out, progress=False, info=info)
+    inject_failure(trainer)
+    train(trainer)
+    local = [full_tensor(p).detach().double() for p in trainer.params]
+    mine = torch.tensor([sum(float(t.sum()) for t in local), sum(float(t.square().sum()) for t in local)],
+                        dtype=torch.float64, device=info.device)
+    gathered = [torch.zeros_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(gathered, mine)
+    if info.is_main:
+        (out / "rank_checksums.json").write_text(json.dumps([g.cpu().tolist() for g in gathered]))
 
 if __name__ == "__main__":
     main()

@@ -97,12 +97,11 @@ def _rank_main() -> None:
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
     config = load_config(None, overrides)
     with process_group() as info:
-        trainer = Trainer(config, out, progress=False, info=info)
+        Trainer(config, out, progress=False, info=info).close()  # dropped at once: gone before the group is
         with open("/proc/self/status") as f:
             peak = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
         gathered = [None] * info.world_size
         dist.all_gather_object(gathered, peak)
-        trainer.close()
         if info.is_main:
             (out / "peak_rss_mb.json").write_text(json.dumps(gathered))
 

@@ -11,7 +11,7 @@ import torch
 
 from pyraflow.config import Config
 from pyraflow.storage import write_json
-from pyraflow.train.parallelize import barrier, gather_objects, main_says, process_group
+from pyraflow.train.parallelize import DistributedInfo, barrier, gather_objects, main_says, process_group
 from pyraflow.train.trainer import Trainer, TrainingStopped
 
 log = logging.getLogger("pyraflow.train")
@@ -36,11 +36,17 @@ def run_training(config: Config, out_dir: str | Path | None = None, resume: bool
     if out_dir is None:
         out_dir = Path("runs") / f"{config.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     with process_group(config.train.collective_timeout_minutes) as info:
-        trainer = Trainer(config, out_dir, resume=resume, progress=progress, info=info)
-        try:
-            return train(trainer, max_steps)
-        finally:
-            trainer.close()
+        return _build_and_train(config, Path(out_dir), resume, max_steps, progress, info)
+
+
+def _build_and_train(config: Config, out_dir: Path, resume: bool, max_steps: int | None, progress: bool,
+               info: DistributedInfo) -> dict:
+    """Build a Trainer and train it; the trainer is dropped when this returns, before the process group goes."""
+    trainer = Trainer(config, out_dir, resume=resume, progress=progress, info=info)
+    try:
+        return train(trainer, max_steps)
+    finally:
+        trainer.close()
 
 
 def train(trainer: Trainer, max_steps: int | None = None) -> dict:

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import gc
 import os
 import sys
 import warnings
@@ -220,7 +221,12 @@ def barrier(info: DistributedInfo) -> None:
 
 
 def shutdown(info: DistributedInfo) -> None:
+    """Destroy the process group, after collecting the garbage: a sharded model lives in reference cycles (FSDP's
+    state and its module point at each other) that hold the group, and left to the interpreter's exit their
+    collection would tear down the group's C++ threads while Python finalises, which aborts the process. The caller
+    lets go of its trainer first (run_training's body is a function for that)."""
     if info.enabled and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
