@@ -90,6 +90,41 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [MODEL]
 
 
+
+def test_a_streamed_file_reads_back_as_safetensors_wrote_it(tmp_path):
+    """The streamed writer's file (header from the specs, tensors appended one by one) is read by safetensors'
+    own reader: every dtype a checkpoint holds, a scalar (AdamW's step), an empty and a non-contiguous tensor."""
+    from safetensors.torch import load_file
+
+    generator = torch.Generator().manual_seed(0)
+    written = {"w": torch.randn(5, 3, generator=generator), "half": torch.randn(7, generator=generator).bfloat16(),
+               "f16": torch.randn(2, 2, generator=generator).half(), "step": torch.tensor(12.0),
+               "index": torch.arange(5), "mask": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4),
+               "strided": torch.randn(4, 6, generator=generator).t(), "f64": torch.randn(3, dtype=torch.float64)}
+    sent = []
+
+    def one_at_a_time():
+        for tensor in written.values():
+            sent.append(tensor)
+            yield tensor
+
+    weights.stream_tensors([(k, v.shape, v.dtype) for k, v in written.items()], one_at_a_time(), tmp_path / MODEL)
+    back = load_file(str(tmp_path / MODEL))
+    assert list(back) == list(written) and len(sent) == len(written)
+    for name, tensor in written.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+
+
+def test_a_streamed_write_that_fails_leaves_the_previous_file(tmp_path):
+    weights.save_tensors({"a": torch.ones(2)}, tmp_path / MODEL)
+    specs = [("a", torch.Size([2]), torch.float32), ("b", torch.Size([3]), torch.float32)]
+    with pytest.raises(ValueError, match="b: got"):  # a tensor that is not what the header promised
+        weights.stream_tensors(specs, iter([torch.zeros(2), torch.zeros(4)]), tmp_path / MODEL)
+    with pytest.raises(ValueError):  # fewer tensors than the header lists
+        weights.stream_tensors(specs, iter([torch.zeros(2)]), tmp_path / MODEL)
+    assert torch.equal(weights.load_tensors(tmp_path / MODEL)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == [MODEL]
+
 def weight_file_literals() -> list[str]:
     """String constants in the package (outside pyraflow.weights) that are a whole weight-file name."""
     package = Path(pyraflow.__file__).parent

@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--variants", nargs="+", default=None, metavar="V",
                        help="--full: the arms to run (the mixes uniform, 25-50-25, progressive, flat (default: these "
                             "four) and the diagnosis arms patch4, patch8, flat-patch4, flat-patch8, stages2, "
-                            "gamma0.1, density-uniform, shift2, equal-samples)")
+                            "gamma0.1, density-uniform, shift2, equal-samples, 50-30-20)")
     bench.add_argument("--arm", nargs="+", action="append", default=None, metavar="NAME SETTING",
                        help="--full: an arm of your own, NAME then KEY=VALUE settings and/or arm names whose settings "
                             "it takes (e.g. --arm flat-lr6e-3 flat train.lr=6e-3); repeatable")

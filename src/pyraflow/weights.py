@@ -140,6 +140,36 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
 
 
+# safetensors' names of the dtypes a checkpoint holds (its format: an 8-byte little-endian header size, a JSON
+# header of names, dtypes, shapes and byte ranges, then the bytes of every tensor back to back)
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+
+
+def stream_tensors(specs: list[tuple[str, torch.Size, torch.dtype]], tensors: Iterable[torch.Tensor],
+                   path: str | Path) -> None:
+    """One safetensors file written a tensor at a time, published atomically: the header comes from ``specs``
+    (name, shape, dtype: a sharded model knows its full shapes before any tensor is gathered), then each of
+    ``tensors`` (in the specs' order) is appended and dropped, so writing holds one tensor, never the whole file."""
+    header, offset = {}, 0
+    for name, shape, dtype in specs:
+        if dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"{name}: safetensors has no {dtype}")
+        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for (name, shape, dtype), tensor in zip(specs, tensors, strict=True):
+            if tensor.shape != torch.Size(shape) or tensor.dtype != dtype:
+                raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, the header says {tuple(shape)} {dtype}")
+            f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 def write_weights(tensors: Iterable[tuple[str, torch.Tensor]], directory: str | Path, weights: str = MODEL,
                   shard_bytes: int | None = None) -> None:
     """(name, tensor) pairs as ``weights`` in one file, or, past ``shard_bytes``, as shards named as diffusers names

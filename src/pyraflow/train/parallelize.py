@@ -144,16 +144,14 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def gather_to_main(names: list[str], tensors: list[torch.Tensor], info: DistributedInfo) -> dict[str, torch.Tensor] | None:
-    """Full copies of (possibly sharded) tensors on rank 0's CPU, None elsewhere. One tensor is gathered at a time
-    and dropped at once on the other ranks, so no rank ever holds the whole state on its device."""
-    state = {}
-    for name, t in zip(names, tensors):
-        full = full_tensor(t)  # a collective for sharded tensors: every rank takes part
-        if info.is_main:
-            state[name] = full.detach().cpu()
+def full_copies(tensors: list[torch.Tensor], info: DistributedInfo) -> Iterator[torch.Tensor | None]:
+    """Full copies of (possibly sharded) tensors, one at a time, on rank 0's CPU (None elsewhere): each is gathered
+    when asked for (a collective for a sharded tensor: every rank must ask in the same order) and dropped by the
+    other ranks at once, so no rank holds more than one whole tensor besides its shards."""
+    for t in tensors:
+        full = full_tensor(t)
+        yield full.detach().cpu() if info.is_main else None
         del full
-    return state if info.is_main else None
 
 
 def local_rows(target: torch.Tensor) -> slice | None:

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -23,14 +24,14 @@ from pyraflow.config import Config, load_config, to_yaml
 from pyraflow.data.loader import prefetch_depth, training_loader
 from pyraflow.archs import build_model, parameters_on_meta, stored_tensors, training_model
 from pyraflow.archs.base import PackedTransformer, tensor_generator
-from pyraflow.weights import EMA, MODEL, NULL_TEXT, OPTIMIZER, StoredTensors, save_tensors, write_model_config
+from pyraflow.weights import EMA, MODEL, NULL_TEXT, OPTIMIZER, StoredTensors, stream_tensors, write_model_config
 from pyraflow.schedule import PyramidSchedule
 from pyraflow.train.objective import ExampleBuilder, flow_matching_loss
 from pyraflow.train.optim import lr_factor, make_optimizer, resolve_precision
 from pyraflow.compilation import compile_blocks, resolve_compile
 from pyraflow.lora import ADAPTER, add_adapters
 from pyraflow.train.parallelize import (DistributedInfo, all_reduce_sum, barrier, checkpoint_activations, fill_sharded,
-                                        full_tensor, gather_to_main, init_distributed, join_sequence_groups, materialize,
+                                        full_copies, full_tensor, init_distributed, join_sequence_groups, materialize,
                                         parallelize, sequence_shard)
 
 log = logging.getLogger("pyraflow.train")
@@ -348,35 +349,43 @@ class Trainer:
         torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], [weight] * len(self.ema))
 
     # ----- state ------------------------------------------------------------------------------------
-    def _optimizer_state(self) -> dict:
+    def _checkpoint_files(self) -> tuple[list[tuple[str, list, Iterator]], list]:
+        """The safetensors files of a checkpoint as (file, specs, full tensors): the weights, the EMA and AdamW's
+        moments ("<parameter>.<key>", found through torch's sharded optimizer state dict, which gathers nothing),
+        each tensor gathered when its file's writer asks for it (a collective for a sharded one); and the optimizer's
+        parameter groups."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self.wrapped, self.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        optimizer = get_optimizer_state_dict(self.wrapped, self.optimizer, options=StateDictOptions(full_state_dict=False))
+        moments = [(f"{name}.{key}", value) for name, entry in optimizer["state"].items() for key, value in entry.items()]
+        buffers = [(name, b.detach()) for name, b in self.buffers.items()]
+        files = []
+        for file, named in ((MODEL, [*zip(self.names, self.params), *buffers]),
+                            (EMA, [*zip(self.names, self.ema), *buffers]), (OPTIMIZER, moments)):
+            specs = [(name, t.shape, t.dtype) for name, t in named]
+            files.append((file, specs, full_copies([t for _, t in named], self.info)))
+        return files, optimizer["param_groups"]
 
     def save(self) -> Path | None:
-        """Write a checkpoint: every rank takes part in gathering sharded state, rank 0 alone holds the full state
-        (on the CPU, one tensor at a time) and writes it."""
+        """Write a checkpoint: every rank takes part in gathering sharded state, one tensor at a time, and rank 0
+        writes each tensor as it arrives, so no rank ever holds the whole state (only rank 0 returns the path)."""
         from pyraflow.text import save_null
 
-        model_state = gather_to_main(self.names, self.params, self.info)
-        ema_state = gather_to_main(self.names, self.ema, self.info)
-        optimizer_state = self._optimizer_state()
+        files, optimizer_groups = self._checkpoint_files()
         if not self.info.is_main:
+            for _, _, tensors in files:
+                for _ in tensors:  # the same gathers, in the same order, as rank 0's writers
+                    pass
             return None
-        buffers = {name: b.detach().cpu() for name, b in self.buffers.items()}
-        model_state, ema_state = {**model_state, **buffers}, {**ema_state, **buffers}
 
         def writer(directory: Path) -> None:
+            for file, specs, tensors in files:
+                stream_tensors(specs, tensors, directory / file)
             write_model_config(directory, self.config.model)
-            save_tensors(model_state, directory / MODEL)
-            save_tensors(ema_state, directory / EMA)
             save_null(self.null, directory / NULL_TEXT)
             (directory / "run.yaml").write_text(to_yaml(self.config))
-            save_tensors({f"{name}.{key}": value for name, entry in optimizer_state["state"].items()
-                          for key, value in entry.items()}, directory / OPTIMIZER)
             torch.save({
-                "optimizer_groups": optimizer_state["param_groups"],
+                "optimizer_groups": optimizer_groups,
                 "step": self.step,
                 "lr_schedule": self.lr_schedule.state_dict(),
                 "batcher": self.position,
