@@ -40,7 +40,7 @@ def run_training(config: Config, out_dir: str | Path | None = None, resume: bool
 
 
 def _build_and_train(config: Config, out_dir: Path, resume: bool, max_steps: int | None, progress: bool,
-               info: DistributedInfo) -> dict:
+                     info: DistributedInfo) -> dict:
     """Build a Trainer and train it; the trainer is dropped when this returns, before the process group goes."""
     trainer = Trainer(config, out_dir, resume=resume, progress=progress, info=info)
     try:
