@@ -1,6 +1,7 @@
 """Plot FID against training minutes from `pyraflow bench --full --json` results, one panel per size.
 
     python benchmarks/plot_study.py OUT.png RESULT.json [RESULT.json ...] [--titles "32 px" "64 px" ...]
+                                    [--metric fid|caption_match_rank|caption_match]
 
 RESULT may join several results of one config with '+' (e.g. seed 0 and seed 1 run apart): they are merged into one
 panel, and the merged study is written beside OUT as OUT-<n>.json.
@@ -10,12 +11,13 @@ import argparse
 import json
 from pathlib import Path
 
-from pyraflow.bench.study import format_study, merge_studies, plot_fid_curves
+from pyraflow.bench.study import METRIC_LABELS, format_study, merge_studies, plot_fid_curves
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("out", help="the PNG to write")
 parser.add_argument("results", nargs="+", help="JSON written by pyraflow bench --full --json (A.json+B.json merges)")
 parser.add_argument("--titles", nargs="+", default=None, help="one panel title per result")
+parser.add_argument("--metric", default="fid", choices=sorted(METRIC_LABELS), help="the score to plot (default fid)")
 args = parser.parse_args()
 if args.titles and len(args.titles) != len(args.results):
     parser.error(f"{len(args.titles)} titles for {len(args.results)} results; give one per result")
@@ -29,5 +31,5 @@ for i, spec in enumerate(args.results):
         print(f"wrote {merged}")
     print(format_study(study))
     studies.append(study)
-plot_fid_curves(studies, args.out, args.titles)
+plot_fid_curves(studies, args.out, args.titles, args.metric)
 print(f"wrote {args.out}")

@@ -149,6 +149,34 @@ def test_the_study_plot_has_one_panel_per_study(tmp_path):
     assert three_width == pytest.approx(3 * one_width, rel=0.02)
 
 
+
+def test_the_study_plot_draws_the_caption_match_rank_and_names_a_missing_curve(tmp_path):
+    """--metric caption_match_rank plots each arm's rank curve (a checkpoint without a rank left out of a run's
+    faint line); an arm that recorded none is a named error, not an empty panel."""
+    import matplotlib.pyplot as plt
+
+    drawn = []
+    real_plot = plt.Axes.plot
+
+    def recording(ax, *args, **kwargs):
+        drawn.append([list(a) for a in args[:2]])
+        return real_plot(ax, *args, **kwargs)
+
+    ranked = {"config": "emoji.yaml", "variants": {"flat": {
+        "curve_mean": [(1, 300), (2, 200)], "caption_match_rank_curve_mean": [(1, 900), (2, 400)],
+        "runs": [{"curve": [{"minutes": 1, "fid": 300, "caption_match_rank": 900},
+                            {"minutes": 1.5, "fid": 250, "caption_match_rank": None},
+                            {"minutes": 2, "fid": 200, "caption_match_rank": 400}]}]}}}
+    plt.Axes.plot = recording
+    try:
+        study.plot_fid_curves([ranked], tmp_path / "rank.png", metric="caption_match_rank")
+    finally:
+        plt.Axes.plot = real_plot
+    assert drawn == [[[1, 2], [900, 400]], [[1, 2], [900, 400]]]
+    unranked = {"config": "mnist.yaml", "variants": {"flat": {"curve_mean": [(1, 300)], "runs": []}}}
+    with pytest.raises(ValueError, match="arm flat has no caption_match_rank curve"):
+        study.plot_fid_curves([unranked], tmp_path / "none.png", metric="caption_match_rank")
+
 def test_bench_study_arguments_are_checked(capsys):
     assert main(["bench", "--only-study"]) == 2
     assert "--only-study goes with --full" in capsys.readouterr().err

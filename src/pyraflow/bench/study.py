@@ -349,24 +349,35 @@ def merge_studies(studies: list[dict]) -> dict:
     return summarise(runs, {**header, "seeds": seeds, "arms": arms})
 
 
-def plot_fid_curves(studies: list[dict], path: str | Path, titles: list[str] | None = None) -> None:
-    """FID against training minutes, every arm's mean over seeds (each seed faint), one panel per study."""
+METRIC_LABELS = {"fid": "FID (EfficientNet-Lite0), lower is better",
+                 "caption_match_rank": "caption match: mean rank of the own glyph, lower is better",
+                 "caption_match": "caption match top-1, higher is better"}
+
+
+def plot_fid_curves(studies: list[dict], path: str | Path, titles: list[str] | None = None, metric: str = "fid") -> None:
+    """A score (FID by default, or a caption-match figure) against training minutes, every arm's mean over seeds
+    (each seed faint), one panel per study."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    mean_key = "curve_mean" if metric == "fid" else f"{metric}_curve_mean"
     fig, axes = plt.subplots(1, len(studies), figsize=(4.6 * len(studies), 3.8), squeeze=False)
     for i, (ax, study) in enumerate(zip(axes[0], studies)):
         for name, row in study["variants"].items():
+            if not row.get(mean_key):
+                raise ValueError(f"{titles[i] if titles else study['config']}: arm {name} has no {metric} curve; "
+                                 f"plot one of {sorted(METRIC_LABELS)} its runs recorded")
             style = "--" if name.startswith("flat") else "-"
-            line, = ax.plot(*zip(*row["curve_mean"]), style, marker="o", label=name)
+            line, = ax.plot(*zip(*row[mean_key]), style, marker="o", label=name)
             for run in row["runs"]:
-                ax.plot([p["minutes"] for p in run["curve"]], [p["fid"] for p in run["curve"]], style,
-                        color=line.get_color(), alpha=0.25)
+                points = [p for p in run["curve"] if p.get(metric) is not None]
+                ax.plot([p["minutes"] for p in points], [p[metric] for p in points], style, color=line.get_color(),
+                        alpha=0.25)
         ax.set_title(titles[i] if titles else Path(str(study["config"])).stem)
         ax.set_xlabel("training minutes")
-        ax.set_ylabel("FID (EfficientNet-Lite0), lower is better")
+        ax.set_ylabel(METRIC_LABELS[metric])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
