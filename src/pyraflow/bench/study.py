@@ -350,7 +350,7 @@ def merge_studies(studies: list[dict]) -> dict:
 
 
 METRIC_LABELS = {"fid": "FID (EfficientNet-Lite0), lower is better",
-                 "caption_match_rank": "caption match: mean rank of the own glyph, lower is better",
+                 "caption_match_rank": "caption-match mean rank, lower is better",
                  "caption_match": "caption match top-1, higher is better"}
 
 
