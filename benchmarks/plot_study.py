@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pyraflow.bench.study import METRIC_LABELS, format_study, merge_studies, plot_fid_curves
+from pyraflow.bench.study import METRIC_LABELS, format_study, merge_studies, plot_score_curves
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("out", help="the PNG to write")
@@ -31,5 +31,5 @@ for i, spec in enumerate(args.results):
         print(f"wrote {merged}")
     print(format_study(study))
     studies.append(study)
-plot_fid_curves(studies, args.out, args.titles, args.metric)
+plot_score_curves(studies, args.out, args.titles, args.metric)
 print(f"wrote {args.out}")

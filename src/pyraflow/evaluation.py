@@ -71,6 +71,11 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 MATCH_SIDE = 16  # pictures are compared at this side: colour and layout, what early training gets right
+
+
+def at_match_side(pictures: torch.Tensor) -> torch.Tensor:
+    """Pictures (N, C, H, W) as caption match compares them: clamped to [-1, 1], area-downsampled to MATCH_SIDE."""
+    return F.interpolate(pictures.float().clamp(-1, 1), size=(MATCH_SIDE, MATCH_SIDE), mode="area")
 MATCH_TOP = 5
 
 
@@ -90,8 +95,7 @@ def caption_match(samples: Pictures, prompts: list[str], pictures: Pictures, cap
     layout, which EfficientNet features of a 64 px upsampling do not retrieve (BENCHMARKS.md compares the two)."""
     def small(x: Pictures) -> torch.Tensor:
         batches = [x] if isinstance(x, torch.Tensor) else x
-        return torch.cat([F.interpolate(b.float().clamp(-1, 1), size=(MATCH_SIDE, MATCH_SIDE), mode="area").flatten(1).cpu()
-                          for b in batches])  # small on the host, wherever the pictures were decoded
+        return torch.cat([at_match_side(b).flatten(1).cpu() for b in batches])  # on the host, wherever decoded
 
     generated, reference = small(samples), small(pictures)
     if generated.shape[1] != reference.shape[1]:
@@ -209,12 +213,10 @@ def training_pictures(pipeline) -> tuple[torch.Tensor, list[str]]:
     config = pipeline.config
     if config.data.dataset == "mnist":
         pictures, labels = _mnist_pixels(config, "train")
-        return F.interpolate(pictures, size=(MATCH_SIDE, MATCH_SIDE), mode="area"), [caption_for_digit(int(d))
-                                                                                      for d in labels]
+        return at_match_side(pictures), [caption_for_digit(int(d)) for d in labels]
     training = encode_dataset(config.data, pipeline.text_encoder, pipeline.latent_space, split="train")
     # decoded a chunk at a time and kept at the side caption_match compares at: memory per picture stays small
-    pictures = [F.interpolate(pipeline.latent_space.decode(chunk)[:, :, 0].float(), size=(MATCH_SIDE, MATCH_SIDE),
-                              mode="area").cpu() for chunk in training.latents.split(256)]
+    pictures = [at_match_side(pipeline.latent_space.decode(chunk)[:, :, 0]).cpu() for chunk in training.latents.split(256)]
     return torch.cat(pictures), training.captions
 
 
@@ -307,7 +309,7 @@ def evaluate_shapes(pipeline, num: int, seed: int, steps: int | None, guidance: 
         if bucket_pictures:
             stacked = torch.stack(bucket_pictures)
             if match:  # kept at the side caption_match compares at, not as a second full-size copy
-                pictures.append(F.interpolate(stacked.float().clamp(-1, 1), size=(MATCH_SIDE, MATCH_SIDE), mode="area"))
+                pictures.append(at_match_side(stacked))
                 captions += [r.caption for r in real if r.bucket == b]
             reference.append(efficientnet_features(stacked, network))
         if prompts:

@@ -156,7 +156,7 @@ def stream_tensors(specs: list[tuple[str, torch.Size, torch.dtype]], tensors: It
     for name, shape, dtype in specs:
         if dtype not in SAFETENSORS_DTYPES:
             raise TypeError(f"{name}: safetensors has no {dtype}")
-        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        size = torch.Size(shape).numel() * dtype.itemsize
         header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()

@@ -143,8 +143,8 @@ def test_the_study_plot_has_one_panel_per_study(tmp_path):
         return {"config": name, "variants": {"flat": {"curve_mean": [(1, 300), (2, 200)], "runs": [
             {"curve": [{"minutes": 1, "fid": 300}, {"minutes": 2, "fid": 200}]}]}}}
 
-    study.plot_fid_curves([one("a.yaml")], tmp_path / "one.png")
-    study.plot_fid_curves([one("a.yaml"), one("b.yaml"), one("c.yaml")], tmp_path / "three.png")
+    study.plot_score_curves([one("a.yaml")], tmp_path / "one.png")
+    study.plot_score_curves([one("a.yaml"), one("b.yaml"), one("c.yaml")], tmp_path / "three.png")
     one_width, three_width = Image.open(tmp_path / "one.png").width, Image.open(tmp_path / "three.png").width
     assert three_width == pytest.approx(3 * one_width, rel=0.02)
 
@@ -169,13 +169,13 @@ def test_the_study_plot_draws_the_caption_match_rank_and_names_a_missing_curve(t
                             {"minutes": 2, "fid": 200, "caption_match_rank": 400}]}]}}}
     plt.Axes.plot = recording
     try:
-        study.plot_fid_curves([ranked], tmp_path / "rank.png", metric="caption_match_rank")
+        study.plot_score_curves([ranked], tmp_path / "rank.png", metric="caption_match_rank")
     finally:
         plt.Axes.plot = real_plot
     assert drawn == [[[1, 2], [900, 400]], [[1, 2], [900, 400]]]
     unranked = {"config": "mnist.yaml", "variants": {"flat": {"curve_mean": [(1, 300)], "runs": []}}}
     with pytest.raises(ValueError, match="arm flat has no caption_match_rank curve"):
-        study.plot_fid_curves([unranked], tmp_path / "none.png", metric="caption_match_rank")
+        study.plot_score_curves([unranked], tmp_path / "none.png", metric="caption_match_rank")
 
 def test_bench_study_arguments_are_checked(capsys):
     assert main(["bench", "--only-study"]) == 2

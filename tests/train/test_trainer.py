@@ -404,7 +404,7 @@ def test_fresh_adapters_of_a_sharded_run_follow_peft_and_repeat_per_tensor():
 
 def test_a_sharded_run_lets_go_of_its_model_before_it_destroys_the_process_group(tmp_path, monkeypatch):
     """FSDP's state and its module hold each other (and the group) in reference cycles; left to the interpreter's
-    exit, their collection tears the group's threads down while Python finalises, which aborted a rank now and then.
+    exit, their collection tears the group's threads down while Python finalises, which can abort a rank.
     run_training (a one-rank world in this process, as torchrun describes it) frees the model first."""
     import gc
     import socket

@@ -8,8 +8,8 @@ resident set (VmHWM) once set up. The same with a tiny model gives what a rank h
 data, text encoder), so the difference is what the model costs a rank: its shard of the weights and of the EMA
 (half of 2 x the fp32 model on 2 ranks) when it reads only its own rows, one more whole model when it builds it
 first. The large model is also set up fresh (no init_from), each rank drawing only its own rows' initial values.
-Each run from a directory then trains a step and saves a checkpoint, and reports the save's peak RSS above the
-rank's RSS before it: rank 0 writes the weights, the EMA and AdamW's two moments (four fp32 models in all)."""
+Each run then trains a step and saves a checkpoint, and reports the save's peak RSS above the rank's RSS
+before it: rank 0 writes the weights, the EMA and AdamW's two moments (four fp32 models in all)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ def startup_memory(ranks: int = 2, directory: str | Path | None = None, progress
         if progress:
             print("bench startup: the large model initialised fresh (no train.init_from)", flush=True)
         reports = launch(Path(tmp) / "fresh", ranks, RUN + LARGE)
-        result["fresh"] = {"model": LARGE, "peak_rss_mb": [r["set_up_peak_mb"] for r in reports]}
+        result["fresh"] = {"model": LARGE, "peak_rss_mb": [r["set_up_peak_mb"] for r in reports],
+                           "save_mb": [r["save_mb"] for r in reports]}
     large, tiny = result["large"], result["tiny"]
     result["model_cost_mb"] = [a - b for a, b in zip(large["peak_rss_mb"], tiny["peak_rss_mb"])]
     result["fresh_model_cost_mb"] = [a - b for a, b in zip(result["fresh"]["peak_rss_mb"], tiny["peak_rss_mb"])]
@@ -107,17 +108,17 @@ def _set_up_train_and_save(config, out: Path, info) -> dict:
     from pyraflow.train import Trainer
 
     trainer = Trainer(config, out, progress=False, info=info)
-    report = {"set_up_peak_mb": _status_mb("VmHWM")}
+    set_up_peak = _status_mb("VmHWM")
     trainer.train_step()
     before = _status_mb("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")
+        reset = True
     except OSError:
-        report["save_mb"] = None
+        reset = False
     trainer.save()
-    report.setdefault("save_mb", _status_mb("VmHWM") - before)
     trainer.close()
-    return report
+    return {"set_up_peak_mb": set_up_peak, "save_mb": _status_mb("VmHWM") - before if reset else None}
 
 
 def _rank_main() -> None:
@@ -136,6 +137,7 @@ def _rank_main() -> None:
         dist.all_gather_object(gathered, report)
         if info.is_main:
             (out / "ranks.json").write_text(json.dumps(gathered))
+
 
 if __name__ == "__main__":
     _rank_main()

@@ -354,7 +354,7 @@ METRIC_LABELS = {"fid": "FID (EfficientNet-Lite0), lower is better",
                  "caption_match": "caption match top-1, higher is better"}
 
 
-def plot_fid_curves(studies: list[dict], path: str | Path, titles: list[str] | None = None, metric: str = "fid") -> None:
+def plot_score_curves(studies: list[dict], path: str | Path, titles: list[str] | None = None, metric: str = "fid") -> None:
     """A score (FID by default, or a caption-match figure) against training minutes, every arm's mean over seeds
     (each seed faint), one panel per study."""
     import matplotlib
